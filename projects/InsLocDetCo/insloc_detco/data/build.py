@@ -1,0 +1,75 @@
+"""The pretraining data loader: detectron2's train loader over unlabeled records."""
+import itertools
+import logging
+
+from detectron2.data import DatasetCatalog, build_detection_train_loader
+from detectron2.data.common import DatasetFromList
+from detectron2.utils import comm
+
+from .datasets import ensure_registered
+from .mapper import build_pretrain_mapper
+
+__all__ = ["get_pretrain_dataset_dicts", "build_pretrain_train_loader", "SkipCountingLoader"]
+
+logger = logging.getLogger(__name__)
+
+
+def get_pretrain_dataset_dicts(names):
+    """Concatenate the records of the datasets ``names``, renumbering ``image_id``."""
+    if isinstance(names, str):
+        names = [names]
+    assert len(names), "DATASETS.TRAIN is empty"
+    dicts = []
+    for name in names:
+        ensure_registered(name)
+        dicts.append(DatasetCatalog.get(name))
+    merged = [dict(d, image_id=i) for i, d in enumerate(itertools.chain.from_iterable(dicts))]
+    return merged
+
+
+class SkipCountingLoader:
+    """
+    Iterates a loader of record lists, removing each record's ``num_skipped`` and keeping the
+    running total of images that were skipped as unreadable on this rank.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.num_skipped = 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            for d in batch:
+                self.num_skipped += d.pop("num_skipped", 0)
+            yield batch
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def build_pretrain_train_loader(cfg):
+    """
+    Returns:
+        SkipCountingLoader: an infinite iterable of lists (the per-rank batch) of mapper dicts.
+        If the mapper has a ``collate`` method (batch-level composition, e.g. InsLoc with
+        in-batch backgrounds), it runs in the loader workers on each list.
+    """
+    dataset_dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
+    mapper = build_pretrain_mapper(cfg, dataset_dicts)
+    logger.info(
+        f"Pretraining on {len(dataset_dicts)} images from {', '.join(cfg.DATASETS.TRAIN)}; "
+        f"{cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()} per rank with "
+        f"{type(mapper).__name__}."
+    )
+    kwargs = {}
+    if hasattr(mapper, "collate"):
+        kwargs["collate_fn"] = mapper.collate
+    loader = build_detection_train_loader(
+        dataset=DatasetFromList(dataset_dicts, copy=False, serialize=True),
+        mapper=mapper,
+        total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+        aspect_ratio_grouping=False,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        **kwargs,
+    )
+    return SkipCountingLoader(loader)

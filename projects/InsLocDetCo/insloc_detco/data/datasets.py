@@ -1,0 +1,185 @@
+"""Unlabeled image datasets for pretraining, registered in detectron2's ``DatasetCatalog``.
+
+Each record is ``{"file_name": str, "image_id": int}``; labels, if the source has any, are
+ignored. Sources:
+
+* an ImageNet-style folder tree (``root/<class>/<image>``, or any depth) — :func:`register_image_folder`
+* a text file with one image path per line (relative paths are taken from the file's folder
+  or ``image_root``) — :func:`register_image_list`
+* a COCO-format json: its ``images`` list — :func:`register_coco_images`
+* ``pretrain_demo``: real photos shipped by scikit-image, so the default runs with no download.
+
+Built-in names resolve paths under ``$DETECTRON2_DATASETS`` (default ``datasets/``), like
+detectron2's own builtin datasets. A name of the form ``folder:PATH``, ``list:PATH`` or
+``coco:JSON:IMAGE_ROOT`` is registered on first use, so a config can point at data directly.
+"""
+import json
+import logging
+import os
+from typing import Dict, List, Optional
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.file_io import PathManager
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DEMO_PHOTOS",
+    "register_image_folder",
+    "register_image_list",
+    "register_coco_images",
+    "register_pretrain_demo",
+    "ensure_registered",
+    "skimage_data_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+# Real photographs among the files scikit-image ships under skimage/data (its synthetic
+# images, drawings and the 14x25 gif are left out). Several are grayscale: the mapper converts.
+DEMO_PHOTOS = (
+    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
+    "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
+    "microaneurysms.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png",
+    "retina.jpg", "rocket.jpg",
+)  # fmt: skip
+
+
+def _records(file_names: List[str]) -> List[Dict]:
+    return [{"file_name": f, "image_id": i} for i, f in enumerate(file_names)]
+
+
+def _check_nonempty(files: List[str], name: str, source: str) -> List[str]:
+    if not files:
+        raise FileNotFoundError(f"Dataset '{name}': no images found in {source}.")
+    logger.info(f"Dataset '{name}': {len(files)} images from {source}.")
+    return files
+
+
+def list_image_folder(root: str) -> List[str]:
+    """All image files under ``root`` (recursively), sorted for a deterministic order."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"Image folder '{root}' does not exist. Set $DETECTRON2_DATASETS or fix the path."
+        )
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        files.extend(
+            os.path.join(dirpath, f)
+            for f in sorted(filenames)
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    return files
+
+
+def load_image_list(list_file: str, image_root: Optional[str] = None) -> List[str]:
+    """Paths from a text file, one per line; blank lines and ``#`` comments are ignored."""
+    image_root = image_root or os.path.dirname(os.path.abspath(list_file))
+    with PathManager.open(list_file) as f:
+        lines = [ln.strip() for ln in f]
+    return [
+        ln if os.path.isabs(ln) or "://" in ln else os.path.join(image_root, ln)
+        for ln in lines
+        if ln and not ln.startswith("#")
+    ]
+
+
+def load_coco_image_list(json_file: str, image_root: str) -> List[str]:
+    """The ``images`` of a COCO json (annotations are ignored)."""
+    with PathManager.open(json_file) as f:
+        coco = json.load(f)
+    if "images" not in coco:
+        raise ValueError(f"'{json_file}' has no 'images' list: not a COCO-format json.")
+    return [os.path.join(image_root, im["file_name"]) for im in coco["images"]]
+
+
+def _register(name: str, list_fn, source: str, **metadata):
+    DatasetCatalog.register(
+        name, lambda: _records(_check_nonempty(list_fn(), name, source))
+    )
+    MetadataCatalog.get(name).set(evaluator_type="none", **metadata)
+
+
+def register_image_folder(name: str, root: str):
+    """Register every image under ``root`` (e.g. ImageNet's ``train/``) as dataset ``name``."""
+    _register(name, lambda: list_image_folder(root), f"folder {root}", image_root=root)
+
+
+def register_image_list(name: str, list_file: str, image_root: Optional[str] = None):
+    """Register the images listed in ``list_file`` as dataset ``name``."""
+    _register(name, lambda: load_image_list(list_file, image_root), f"list {list_file}")
+
+
+def register_coco_images(name: str, json_file: str, image_root: str):
+    """Register the images of a COCO json (labels ignored) as dataset ``name``."""
+    _register(
+        name,
+        lambda: load_coco_image_list(json_file, image_root),
+        f"COCO json {json_file}",
+        json_file=json_file,
+        image_root=image_root,
+    )
+
+
+def skimage_data_dir() -> str:
+    """The folder of sample images that scikit-image ships."""
+    try:
+        import skimage
+    except ImportError as e:
+        raise ImportError(
+            "The embedded demo data set needs scikit-image (pip install scikit-image)."
+        ) from e
+    return os.path.join(os.path.dirname(skimage.__file__), "data")
+
+
+def register_pretrain_demo(name: str = "pretrain_demo"):
+    """Real photos shipped by scikit-image: a pretraining set that needs no download."""
+
+    def files():
+        root = skimage_data_dir()
+        return [os.path.join(root, f) for f in DEMO_PHOTOS if os.path.exists(os.path.join(root, f))]
+
+    _register(name, files, "scikit-image's sample photos")
+
+
+def ensure_registered(name: str):
+    """Register ``folder:PATH``, ``list:PATH`` and ``coco:JSON:IMAGE_ROOT`` names on first use."""
+    if name in DatasetCatalog.list():
+        return
+    kind, _, rest = name.partition(":")
+    if kind == "folder" and rest:
+        register_image_folder(name, rest)
+    elif kind == "list" and rest:
+        register_image_list(name, rest)
+    elif kind == "coco" and rest.count(":") == 1:
+        json_file, image_root = rest.split(":")
+        register_coco_images(name, json_file, image_root)
+    else:
+        raise KeyError(
+            f"Dataset '{name}' is not registered. Use a registered name "
+            f"({', '.join(n for n in DatasetCatalog.list() if not n.startswith(('coco_', 'voc_', 'lvis_', 'cityscapes', 'keypoints_')))}, ...) "
+            "or 'folder:PATH', 'list:PATH', 'coco:JSON:IMAGE_ROOT'."
+        )
+
+
+def _register_builtin(root: str):
+    register_pretrain_demo("pretrain_demo")
+    register_image_folder("imagenet_train", os.path.join(root, "imagenet", "train"))
+    register_image_folder("imagenet_val", os.path.join(root, "imagenet", "val"))
+    for split in ("train2017", "val2017"):
+        register_coco_images(
+            f"coco_{split[:-4]}_2017_images",
+            os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
+            os.path.join(root, "coco", split),
+        )
+    register_coco_images(
+        "coco_unlabeled_2017_images",
+        os.path.join(root, "coco", "annotations", "image_info_unlabeled2017.json"),
+        os.path.join(root, "coco", "unlabeled2017"),
+    )
+
+
+if "pretrain_demo" not in DatasetCatalog.list():
+    _register_builtin(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))

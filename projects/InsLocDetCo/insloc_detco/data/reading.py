@@ -1,0 +1,74 @@
+"""Robust image decoding for unlabeled pretraining data.
+
+Real crawls contain corrupt files, grayscale, CMYK, palette and alpha images, and thumbnails.
+:func:`read_rgb_image` converts what can be converted and raises :class:`UnreadableImageError`
+for the rest, so that the mapper can skip the image and count it.
+"""
+import numpy as np
+import torch
+from detectron2.data.detection_utils import _apply_exif_orientation
+from detectron2.utils.file_io import PathManager
+from PIL import Image
+
+__all__ = ["UnreadableImageError", "read_rgb_image"]
+
+# Alpha is composited on mid-gray rather than dropped: dropping exposes whatever colour the
+# transparent pixels happen to store (often black or noise).
+_ALPHA_BACKGROUND = (124, 116, 104)
+
+
+class UnreadableImageError(Exception):
+    """The file could not be turned into a usable RGB image."""
+
+
+def read_rgb_image(file_name: str, min_size: int = 1, max_size: int = 0) -> torch.Tensor:
+    """
+    Decode an image file into an RGB tensor.
+
+    Args:
+        file_name: path or URI understood by detectron2's ``PathManager``.
+        min_size: images whose shorter side is smaller are rejected.
+        max_size: if > 0, images whose shorter side is larger are downscaled to it while
+            decoding (JPEG draft mode, then a resize): pretraining crops never need more.
+
+    Returns:
+        uint8 tensor of shape (3, H, W), RGB, EXIF orientation applied.
+
+    Raises:
+        UnreadableImageError: corrupt, truncated, unsupported or too small.
+    """
+    try:
+        with PathManager.open(file_name, "rb") as f:
+            image = Image.open(f)
+            if max_size > 0 and image.format == "JPEG":
+                image.draft("RGB", (max_size, max_size))
+            image = _apply_exif_orientation(image)
+            image = _to_rgb(image)
+            image.load()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise UnreadableImageError(f"{file_name}: {type(e).__name__}: {e}") from e
+    w, h = image.size
+    if min(w, h) < min_size:
+        raise UnreadableImageError(f"{file_name}: {w}x{h} is smaller than {min_size} pixels")
+    if max_size > 0 and min(w, h) > max_size:
+        scale = max_size / min(w, h)
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: CMYK, YCbCr, 16-bit and float grayscale, palette, alpha."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # High bit-depth grayscale: rescale the actual range to 8 bits instead of clipping.
+        array = np.asarray(image, dtype=np.float32)
+        lo, hi = float(array.min()), float(array.max())
+        array = (array - lo) * (255.0 / max(hi - lo, 1e-6))
+        image = Image.fromarray(array.astype(np.uint8), mode="L")
+    return image.convert("RGB")

@@ -1,0 +1,2 @@
+from .base import ContrastivePretrainer
+from .moco import MoCoV2
