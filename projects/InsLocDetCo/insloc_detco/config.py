@@ -75,9 +75,14 @@ def add_insloc_detco_config(cfg):
     _C.MODEL.DETCO.MULTI_LEVEL = True
     # Global-local contrast (L_l<->l and L_l->g); False -> only L_g<->g.
     _C.MODEL.DETCO.GLOBAL_LOCAL = True
-    # Weights of the three terms in each stage: L_g<->g, L_l<->l, L_l->g.
+    # Weights of the three terms in each stage: L_g<->g, L_l<->l, L_l->g (Eq. 1: all 1). Each
+    # term is one-way, as Eqs. 2, 4, 5 write it (query side vs key side; not symmetrised).
     _C.MODEL.DETCO.TERM_WEIGHTS = [1.0, 1.0, 1.0]
-    # Hidden width of the local head, as a multiple of the stage's channels C (choice: 1 -> C).
+    # Hidden width of the global head mlp^i_q (avgpool -> C -> 128), as a multiple of the
+    # stage's channels C_i (1 -> MoCo v2's 2048 at res5; Sec. 3.1: heads "same as MoCo v2").
+    _C.MODEL.DETCO.GLOBAL_HIDDEN_MULT = 1
+    # Hidden width of the local head mlp_local (9 C_i -> hidden -> 128), as a multiple of C_i
+    # (choice: 1 -> C_i; the paper does not give it).
     _C.MODEL.DETCO.LOCAL_HIDDEN_MULT = 1
 
     # ---------------------------------------------------------------------------------------

@@ -3,3 +3,4 @@ from .build import build_pretrain_train_loader, get_pretrain_dataset_dicts
 from .datasets import register_coco_images, register_image_folder, register_image_list
 from .mapper import PRETRAIN_MAPPER_REGISTRY, MoCoV2Mapper, PretrainDatasetMapper, build_pretrain_mapper
 from .reading import UnreadableImageError, read_rgb_image
+from . import jigsaw  # noqa: F401  (registers JigsawMapper)

@@ -1,2 +1,3 @@
 from .base import ContrastivePretrainer
 from .moco import MoCoV2
+from .detco import DetCo
