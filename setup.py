@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""InsLocDetCo: detection-oriented self-supervised pretraining (MoCo v2, InsLoc, DetCo) on detectron2.
+"""InsLocDetCo: detection-oriented self-supervised pretraining (MoCo v2, InsLoc, DetCo).
 
 Requirements stay loose on purpose: GPU users bring their own torch and a detectron2 built from
 source. ``scripts/setup_env.sh`` (``make setup``) installs a CPU-capable stack when there is none.
@@ -9,7 +9,7 @@ from setuptools import find_packages, setup
 setup(
     name="insloc_detco",
     version="0.1.0",
-    description="Detection-oriented self-supervised pretraining (MoCo v2, InsLoc, DetCo) on detectron2",
+    description="Detection-oriented self-supervised pretraining on detectron2",
     package_dir={"": "projects/InsLocDetCo"},
     packages=find_packages("projects/InsLocDetCo", include=["insloc_detco", "insloc_detco.*"]),
     python_requires=">=3.8",

@@ -138,7 +138,8 @@ def main():
     print(f"{cfg.MODEL.META_ARCHITECTURE} step:      {step:8.2f} img/s")
     print(f"backbone fwd+bwd (1 view):  {base:8.2f} img/s   step / backbone = {step / base:.3f}")
     print(f"loader per worker:          {loader:8.2f} img/s")
-    print(f"decode only:                {decode:8.2f} img/s   loader / decode = {loader / decode:.3f}")
+    print(f"decode only:                {decode:8.2f} img/s   "
+          f"loader / decode = {loader / decode:.3f}")
     print(f"workers needed to feed one training process: {step / loader:.2f}")
 
 

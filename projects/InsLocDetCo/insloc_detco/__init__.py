@@ -1,6 +1,8 @@
 """InsLocDetCo: detection-oriented self-supervised pretraining on detectron2."""
-from . import data  # noqa: F401  (registers datasets and mappers)
-from . import modeling  # noqa: F401  (registers meta-architectures)
+from . import (
+    data,  # noqa: F401  (registers datasets and mappers)
+    modeling,  # noqa: F401  (registers meta-architectures)
+)
 from .config import add_insloc_detco_config
 
 __all__ = ["add_insloc_detco_config"]

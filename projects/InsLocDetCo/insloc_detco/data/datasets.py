@@ -3,7 +3,8 @@
 Each record is ``{"file_name": str, "image_id": int}``; labels, if the source has any, are
 ignored. Sources:
 
-* an ImageNet-style folder tree (``root/<class>/<image>``, or any depth) — :func:`register_image_folder`
+* an ImageNet-style folder tree (``root/<class>/<image>``, any depth):
+  :func:`register_image_folder`
 * a text file with one image path per line (relative paths are taken from the file's folder
   or ``image_root``) — :func:`register_image_list`
 * a COCO-format json: its ``images`` list — :func:`register_coco_images`
@@ -158,9 +159,9 @@ def ensure_registered(name: str):
         register_coco_images(name, json_file, image_root)
     else:
         raise KeyError(
-            f"Dataset '{name}' is not registered. Use a registered name "
-            f"({', '.join(n for n in DatasetCatalog.list() if not n.startswith(('coco_', 'voc_', 'lvis_', 'cityscapes', 'keypoints_')))}, ...) "
-            "or 'folder:PATH', 'list:PATH', 'coco:JSON:IMAGE_ROOT'."
+            f"Dataset '{name}' is not registered. Use a name registered in DatasetCatalog "
+            "(e.g. pretrain_demo, imagenet_train, coco_train_2017_images) or one of "
+            "'folder:PATH', 'list:PATH', 'coco:JSON:IMAGE_ROOT'."
         )
 
 

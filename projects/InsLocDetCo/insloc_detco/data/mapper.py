@@ -16,7 +16,12 @@ from detectron2.utils.registry import Registry
 from .augmentation import build_moco_v2_augmentation
 from .reading import UnreadableImageError, read_rgb_image
 
-__all__ = ["PRETRAIN_MAPPER_REGISTRY", "PretrainDatasetMapper", "MoCoV2Mapper", "build_pretrain_mapper"]
+__all__ = [
+    "PRETRAIN_MAPPER_REGISTRY",
+    "PretrainDatasetMapper",
+    "MoCoV2Mapper",
+    "build_pretrain_mapper",
+]
 
 PRETRAIN_MAPPER_REGISTRY = Registry("PRETRAIN_MAPPER")
 PRETRAIN_MAPPER_REGISTRY.__doc__ = """

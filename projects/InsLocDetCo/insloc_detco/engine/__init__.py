@@ -1,2 +1,8 @@
 from .hooks import PlotCurvesHook, SkippedImagesHook, plot_metrics
-from .trainer import PretrainTrainer, resolve_config_file, resolve_device, resolve_epochs
+from .trainer import (
+    PretrainTrainer,
+    create_ddp_model_any_device,
+    resolve_config_file,
+    resolve_device,
+    resolve_epochs,
+)

@@ -2,16 +2,25 @@
 import logging
 import math
 import os
+import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 
 from ..data import build_pretrain_train_loader, get_pretrain_dataset_dicts
 from .hooks import PlotCurvesHook, SkippedImagesHook
 
-__all__ = ["PretrainTrainer", "resolve_epochs", "resolve_device", "resolve_config_file"]
+__all__ = [
+    "PretrainTrainer",
+    "create_ddp_model_any_device",
+    "resolve_epochs",
+    "resolve_device",
+    "resolve_config_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +34,29 @@ class PretrainTrainer(DefaultTrainer):
     ``resume_or_load``, and detectron2's console / ``metrics.json`` / TensorBoard writers.
     There is no evaluation during pretraining: transfer is measured by ``eval_transfer.py``.
     """
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, except that DDP is also built for CPU models (gloo), where
+        # detectron2 would pass a CUDA device id.
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+            raise ValueError("SOLVER.AMP.ENABLED needs MODEL.DEVICE cuda; disable AMP on CPU.")
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model_any_device(model, broadcast_buffers=False)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -44,6 +76,13 @@ class PretrainTrainer(DefaultTrainer):
             if cfg.SOLVER.PLOT_CURVES:
                 ret.append(PlotCurvesHook(cfg.OUTPUT_DIR, cfg.SOLVER.CHECKPOINT_PERIOD))
         return ret
+
+
+def create_ddp_model_any_device(model, **kwargs):
+    """detectron2's ``create_ddp_model``, with no CUDA device id for a CPU model."""
+    if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return create_ddp_model(model, **kwargs)
 
 
 def resolve_epochs(cfg):
