@@ -4,3 +4,4 @@ from .datasets import register_coco_images, register_image_folder, register_imag
 from .mapper import PRETRAIN_MAPPER_REGISTRY, MoCoV2Mapper, PretrainDatasetMapper, build_pretrain_mapper
 from .reading import UnreadableImageError, read_rgb_image
 from . import jigsaw  # noqa: F401  (registers JigsawMapper)
+from . import copy_paste  # noqa: F401  (registers CopyPasteMapper)
