@@ -1,0 +1,110 @@
+"""
+Per-trial results -> mean +- std over trials -> ``results.json`` and a Markdown table.
+
+Columns: box AP, AP50, AP75 (VOC evaluator: its own AP over IoU 0.5:0.95, AP50, AP75; COCO
+evaluator: COCO AP) and, where the detector predicts masks, the mask AP (``APmask``).
+"""
+
+import json
+import math
+import os
+import platform
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["COLUMNS", "machine_description", "summarize", "markdown_table", "write_json"]
+
+# Column name -> (evaluator task, metric).
+COLUMNS = OrderedDict(
+    [("AP", ("bbox", "AP")), ("AP50", ("bbox", "AP50")), ("AP75", ("bbox", "AP75")),
+     ("APmask", ("segm", "AP"))]
+)  # fmt: skip
+
+
+def machine_description() -> str:
+    """e.g. '8x NVIDIA A100-SXM4-40GB' or 'CPU x86_64 (16 cores)'; no host names."""
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return f"{n}x {torch.cuda.get_device_name(0)}"
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _clean(x):
+    """JSON-safe: numpy scalars to float, NaN to None."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def write_json(path: str, data: Dict):
+    """Atomic write: a trial's results.json is its 'finished' marker."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_clean(data), f, indent=2)
+    os.replace(tmp, path)
+
+
+def summarize(trials: List[Dict]) -> Dict[str, Dict]:
+    """
+    Args:
+        trials: per-trial dicts with ``metrics`` = ``{"bbox": {"AP": ...}, "segm": {...}}``.
+    Returns:
+        column -> {"mean", "std" (sample std; None for one trial), "n", "values"}, for the
+        columns that every trial reports.
+    """
+    out = OrderedDict()
+    for column, (task, metric) in COLUMNS.items():
+        values = [t["metrics"].get(task, {}).get(metric) for t in trials]
+        if not values or any(v is None for v in values):
+            continue
+        values = [float(v) for v in values]
+        out[column] = {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "n": len(values),
+            "values": values,
+        }
+    return out
+
+
+def _cell(stat: Optional[Dict]) -> str:
+    if stat is None:
+        return ""
+    if stat["std"] is None:
+        return f"{stat['mean']:.1f}"
+    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+
+def markdown_table(results: Dict[str, Dict]) -> str:
+    """
+    Args:
+        results: benchmark name -> {"summary": summarize(...), "trials": [...], "machine",
+            "date", "weights", ...} (the content of results.json).
+    """
+    lines = [
+        "| benchmark | weights | trials | " + " | ".join(COLUMNS) + " | machine | date |",
+        "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|",
+    ]
+    for name, r in results.items():
+        s = r["summary"]
+        cells = [_cell(s.get(c)) for c in COLUMNS]
+        lines.append(
+            f"| {name} | {os.path.basename(r['weights'])} | {len(r['trials'])} | "
+            + " | ".join(cells)
+            + f" | {r['machine']} | {r['date']} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,319 @@
+"""
+One command from a pretraining checkpoint to a results table (``eval_transfer.py run``).
+
+For each benchmark: convert the checkpoint for the benchmark's detector layout, check that the
+data sets can be read and that the weights load, then fine-tune and evaluate ``trials`` times
+with seeds ``seed, seed + 1, ...`` (detectron2 ``launch``: one process per GPU, any number of
+machines). Layout of the output folder::
+
+    <output>/weights/<checkpoint>_<layout>.pkl     converted weights
+    <output>/<benchmark>/trial<i>/                 detectron2 run: config.yaml (fully
+        resolved), log.txt, metrics.json, model_final.pth, results.json (= trial finished)
+    <output>/results.json, <output>/results.md     mean +- std over trials, all benchmarks
+
+Re-running the command skips finished trials and resumes unfinished ones from their last
+checkpoint. With several machines the output folder must be shared (as for checkpoints).
+"""
+
+import contextlib
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import launch
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
+
+from ..engine import resolve_device
+from .benchmarks import Benchmark
+from .config import load_transfer_config
+from .converter import (
+    convert_checkpoint,
+    load_model_zoo_pkl,
+    save_model_zoo_pkl,
+    target_of_config,
+)
+from .results import machine_description, markdown_table, now, summarize, write_json
+from .subsets import ensure_subset_registered
+from .trainer import TransferTrainer
+
+__all__ = [
+    "TransferError",
+    "setup_console_logging",
+    "prepare_weights",
+    "check_datasets",
+    "check_weights",
+    "run_benchmarks",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class TransferError(RuntimeError):
+    """A problem with the inputs of a transfer run (data, weights, launch settings)."""
+
+
+# ------------------------------------------------------------------------------------------
+# Checks done once, in the launching process, before any GPU is busy
+# ------------------------------------------------------------------------------------------
+def prepare_weights(weights: str, target: str, output_dir: str) -> str:
+    """
+    Args:
+        weights: a pretraining checkpoint (``.pth``, converted here) or a model-zoo ``.pkl``.
+        target: the detector layout of the benchmark.
+    Returns:
+        path of a ``.pkl`` for that layout.
+    """
+    if weights.endswith(".pkl"):
+        data = load_model_zoo_pkl(weights)
+        if data.get("target", target) != target:
+            raise TransferError(
+                f"'{weights}' was converted for a '{data['target']}' detector, but this "
+                f"benchmark builds a '{target}' one. Pass the pretraining checkpoint (.pth): "
+                "it is converted for each layout."
+            )
+        if "target" not in data:
+            logger.warning(f"'{weights}' was not converted by InsLocDetCo: using it as it is.")
+        return weights
+    conversion, info = convert_checkpoint(weights, target)
+    stem = os.path.splitext(os.path.basename(weights))[0]
+    run = os.path.basename(os.path.dirname(os.path.abspath(weights)))
+    path = os.path.join(output_dir, "weights", f"{run}_{stem}_{target}.pkl")
+    save_model_zoo_pkl(conversion, path, source=info["source"], iteration=info["iteration"])
+    logger.info(conversion.table() + f"\nWrote {path}")
+    return path
+
+
+def check_datasets(cfg) -> Dict[str, int]:
+    """Load every train and test set once; returns name -> number of images."""
+    counts = {}
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        if not ensure_subset_registered(name):
+            raise TransferError(
+                f"Dataset '{name}' is not registered (builtin names resolve under "
+                "$DETECTRON2_DATASETS, see detectron2's datasets/README.md)."
+            )
+        meta = MetadataCatalog.get(name)
+        source = meta.get("json_file", None) or meta.get("dirname", None) or "its loader"
+        try:
+            dicts = DatasetCatalog.get(name)
+        except Exception as e:
+            raise TransferError(
+                f"Cannot read the annotations of dataset '{name}' ({source}): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        if not dicts:
+            raise TransferError(f"Dataset '{name}' ({source}) has no images.")
+        counts[name] = len(dicts)
+    for name in cfg.DATASETS.TEST:
+        if MetadataCatalog.get(name).get("evaluator_type", None) not in ("pascal_voc", "coco"):
+            raise TransferError(f"Test set '{name}' has no VOC or COCO evaluator type.")
+    return counts
+
+
+def check_weights(cfg, pkl: str) -> Dict[str, int]:
+    """
+    Build the detector on the CPU and match the ``.pkl`` against it the way
+    ``DetectionCheckpointer`` will (name heuristics included).
+
+    Returns:
+        {"loaded", "unexpected", "model"}: tensor counts.
+    Raises:
+        TransferError: nothing would load, or some tensors have the wrong shape.
+    """
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    model_state = build_model(cfg).state_dict()
+    data = load_model_zoo_pkl(pkl)
+    ckpt = {k: torch.as_tensor(v) for k, v in data["model"].items()}
+    if data.get("matching_heuristics", False):
+        ckpt = align_and_update_state_dicts(
+            model_state, ckpt, c2_conversion=data["__author__"] == "Caffe2"
+        )
+    loaded = [k for k in ckpt if k in model_state and model_state[k].shape == ckpt[k].shape]
+    wrong = [k for k in ckpt if k in model_state and model_state[k].shape != ckpt[k].shape]
+    if wrong:
+        raise TransferError(
+            f"{len(wrong)} tensors of '{pkl}' do not fit the detector, e.g. {wrong[0]}: "
+            f"{tuple(ckpt[wrong[0]].shape)} vs {tuple(model_state[wrong[0]].shape)} "
+            "(is the checkpoint a ResNet-50 like the config?)."
+        )
+    if not loaded:
+        raise TransferError(f"No tensor of '{pkl}' matches the detector of this benchmark.")
+    return {"loaded": len(loaded), "unexpected": len(ckpt) - len(loaded), "model": len(model_state)}
+
+
+# ------------------------------------------------------------------------------------------
+# One trial, in every launched process
+# ------------------------------------------------------------------------------------------
+def setup_console_logging(rank: int = 0):
+    """Console logging of our and detectron2's loggers (cached: calling it again adds nothing)."""
+    for name, abbrev in (("detectron2", "d2"), ("fvcore", None), ("insloc_detco", None)):
+        setup_logger(distributed_rank=rank, name=name, abbrev_name=abbrev)
+
+
+@contextlib.contextmanager
+def _log_to_file(path: str):
+    """Add a file handler to our loggers for the duration of one trial."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(
+        logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s", "%m/%d %H:%M:%S")
+    )
+    handler.setLevel(logging.DEBUG)
+    loggers = [logging.getLogger(n) for n in ("detectron2", "fvcore", "insloc_detco")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+        handler.close()
+
+
+def run_trial(cfg, trial_info: Dict):
+    """
+    Fine-tune and evaluate once (called by ``launch`` in each process). The main process
+    writes ``<OUTPUT_DIR>/results.json``.
+    """
+    rank = comm.get_rank()
+    setup_console_logging(rank)
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        ensure_subset_registered(name)  # spawned processes start with the builtin names only
+    log_file = "log.txt" if rank == 0 else f"log.txt.rank{rank}"
+    start = time.perf_counter()
+    with _log_to_file(os.path.join(cfg.OUTPUT_DIR, log_file)):
+        seed_all_rng(cfg.SEED + rank)
+        trainer = TransferTrainer(cfg)
+        trainer.resume_or_load(resume=True)  # continue an interrupted trial
+        trainer.train()
+        metrics = getattr(trainer, "_last_eval_results", None)
+    if comm.is_main_process():
+        if not metrics:
+            raise TransferError(f"Trial in {cfg.OUTPUT_DIR} produced no evaluation results.")
+        write_json(
+            os.path.join(cfg.OUTPUT_DIR, "results.json"),
+            {
+                **trial_info,
+                "metrics": metrics,
+                "world_size": comm.get_world_size(),
+                "wall_s": round(time.perf_counter() - start, 1),
+                "machine": machine_description(),
+                "date": now(),
+            },
+        )
+    comm.synchronize()
+
+
+# ------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------
+def _trial_config(base_cfg, pkl: str, trial_dir: str, seed: int):
+    cfg = base_cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = pkl
+    cfg.OUTPUT_DIR = trial_dir
+    cfg.SEED = seed
+    resolve_device(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def run_benchmarks(
+    weights: str,
+    benchmarks: Sequence[Benchmark],
+    output_dir: str,
+    trials: Optional[int] = None,
+    seed: int = 1,
+    opts: Sequence[str] = (),
+    num_gpus: int = 1,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str = "auto",
+) -> Dict[str, Dict]:
+    """
+    Args:
+        weights: pretraining checkpoint (``.pth``) or converted ``.pkl``.
+        benchmarks: what to run, in order.
+        output_dir: where runs and tables go.
+        trials: fine-tunes per benchmark (None: each benchmark's default).
+        seed: seed of the first trial; trial i uses ``seed + i``.
+        opts: ``KEY VALUE`` config overrides for every benchmark.
+        num_gpus, num_machines, machine_rank, dist_url: as detectron2's ``launch``.
+    Returns:
+        benchmark name -> results (as written to ``results.json``).
+    """
+    if num_gpus * num_machines > 1 and not torch.cuda.is_available():
+        raise TransferError(
+            "Several processes need CUDA: detectron2's trainer wraps the model in "
+            "DistributedDataParallel with a GPU id. Use --num-gpus 1 on a CPU."
+        )
+    os.makedirs(output_dir, exist_ok=True)
+    all_results: Dict[str, Dict] = {}
+    for bench in benchmarks:
+        cfg = load_transfer_config(bench.config, opts)
+        target = target_of_config(cfg)
+        pkl = prepare_weights(weights, target, output_dir)
+        counts = check_datasets(cfg)
+        report = check_weights(cfg, pkl)
+        logger.info(
+            f"[{bench.name}] {report['loaded']} of the detector's {report['model']} tensors "
+            f"come from {os.path.basename(pkl)}; data: {counts}"
+        )
+        done: List[Dict] = []
+        for t in range(trials or bench.trials):
+            trial_dir = os.path.join(output_dir, bench.name, f"trial{t}")
+            result_file = os.path.join(trial_dir, "results.json")
+            if not os.path.isfile(result_file):
+                trial_cfg = _trial_config(cfg, pkl, trial_dir, seed + t)
+                os.makedirs(trial_dir, exist_ok=True)
+                with open(os.path.join(trial_dir, "config.yaml"), "w") as f:
+                    f.write(trial_cfg.dump())  # fully resolved: stock tools can rerun it
+                info = {"benchmark": bench.name, "trial": t, "seed": seed + t, "weights": pkl,
+                        "config": bench.config, "max_iter": trial_cfg.SOLVER.MAX_ITER,
+                        "ims_per_batch": trial_cfg.SOLVER.IMS_PER_BATCH,
+                        "base_lr": trial_cfg.SOLVER.BASE_LR}  # fmt: skip
+                logger.info(f"[{bench.name}] trial {t}: seed {seed + t}, output {trial_dir}")
+                launch(run_trial, num_gpus, num_machines, machine_rank, dist_url,
+                       args=(trial_cfg, info))  # fmt: skip
+            else:
+                logger.info(f"[{bench.name}] trial {t}: finished earlier, skipped ({result_file})")
+            if machine_rank == 0:
+                with open(result_file) as f:
+                    done.append(json.load(f))
+        if machine_rank == 0:
+            all_results[bench.name] = {
+                "benchmark": bench.name,
+                "config": bench.config,
+                "target": target,
+                "weights": pkl,
+                "trials": done,
+                "summary": summarize(done),
+                "machine": done[-1]["machine"],
+                "date": done[-1]["date"],
+            }
+            _write_tables(output_dir, all_results)
+    return all_results
+
+
+def _write_tables(output_dir: str, results: Dict[str, Dict]):
+    """Merge into the folder's results.json (other benchmarks run earlier are kept)."""
+    path = os.path.join(output_dir, "results.json")
+    merged = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            merged = json.load(f)
+    merged.update(results)
+    write_json(path, merged)
+    table = markdown_table(merged)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table)
+    logger.info(f"Results ({path}):\n{table}")
