@@ -5,7 +5,10 @@ import os
 import pytest
 import torch
 from conftest import load_config
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
+from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 from detectron2.utils.events import EventStorage
 from utils import run_train_net
 
@@ -133,6 +136,22 @@ def test_stage_and_term_weights_are_applied_as_configured(step):
             assert raw.item() > 0.1  # a real InfoNCE, so the product below is informative
             weighted = step["losses"][f"loss_{s}_{t}"].item()
             assert weighted == pytest.approx(ws * wt * raw.item(), rel=1e-6)
+
+
+def test_query_backbone_matches_detectron2_c4_and_fpn_detectors(step):
+    pretrained = {k: v.shape for k, v in step["model"].encoder_q.backbone.state_dict().items()}
+    cfg = get_cfg()  # detectron2's defaults: Faster R-CNN R50-C4
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.NORM = "BN"  # the fine-tunes use SyncBN: same tensor names as BN
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    c4 = build_model(cfg)
+    c4_shapes = {k: v.shape for k, v in c4.backbone.state_dict().items()}
+    c4_shapes.update({f"res5.{k}": v.shape for k, v in c4.roi_heads.res5.state_dict().items()})
+    assert c4_shapes == pretrained  # stem/res2..res4 -> backbone.*, res5 -> roi_heads.res5.*
+    cfg.MODEL.RESNETS.OUT_FEATURES = list(STAGES)
+    cfg.MODEL.FPN.IN_FEATURES = list(STAGES)
+    fpn = build_resnet_fpn_backbone(cfg, ShapeSpec(channels=3))
+    assert {k: v.shape for k, v in fpn.bottom_up.state_dict().items()} == pretrained
 
 
 def test_ablation_mls_only_has_four_global_terms_and_needs_no_patches():
