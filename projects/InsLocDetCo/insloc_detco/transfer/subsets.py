@@ -97,6 +97,7 @@ def ensure_subset_registered(name: str) -> bool:
 def _register_builtin():
     for pct in (1, 2, 5, 10):
         ensure_subset_registered(f"coco_2017_train_{pct}pct")
+    ensure_subset_registered("demo_det_coco_train_50pct")  # the instant semi-supervised test
 
 
 _register_builtin()

@@ -1,0 +1,184 @@
+"""demo_det (generated VOC + COCO detection set) and the seeded data subsets."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.structures import Boxes, BoxMode, Instances
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from insloc_detco.transfer import demo_det
+from insloc_detco.transfer.subsets import (
+    ensure_subset_registered,
+    register_subset,
+    subset_image_ids,
+)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("datasets") / "demo_det")
+    demo_det.ensure_demo_det(root)
+    demo_det.register_demo_det(root, prefix="t_demo_det")
+    yield root
+    for split in demo_det.DEMO_DET_SPLITS:
+        for fmt in ("voc", "coco"):
+            DatasetCatalog.remove(f"t_demo_det_{fmt}_{split}")
+            MetadataCatalog.remove(f"t_demo_det_{fmt}_{split}")
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in sorted(os.walk(root)):
+        dirnames.sort()
+        for f in sorted(files):
+            h.update(f.encode())
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def test_generation_is_deterministic_and_cached(demo_root, tmp_path):
+    other = str(tmp_path / "demo_det")
+    demo_det.ensure_demo_det(other)
+    assert _digest(other) == _digest(demo_root)
+    stamp = os.path.join(other, "COMPLETE")
+    before = os.path.getmtime(stamp)
+    demo_det.ensure_demo_det(other)  # complete: not rewritten
+    assert os.path.getmtime(stamp) == before
+
+
+def test_voc_and_coco_describe_the_same_objects(demo_root):
+    for split, count in demo_det.DEMO_DET_SPLITS.items():
+        voc = DatasetCatalog.get(f"t_demo_det_voc_{split}")
+        coco = DatasetCatalog.get(f"t_demo_det_coco_{split}")
+        assert len(voc) == len(coco) == count
+        for v, c in zip(voc, coco):
+            assert os.path.basename(v["file_name"]) == os.path.basename(c["file_name"])
+            w, h = Image.open(v["file_name"]).size
+            assert (v["width"], v["height"]) == (c["width"], c["height"]) == (w, h)
+            assert 1 <= len(v["annotations"]) == len(c["annotations"]) <= 3
+            inst = np.asarray(Image.open(v["file_name"].replace("JPEGImages", "SegmentationObject")
+                                         .replace(".jpg", ".png")))  # fmt: skip
+            for k, (va, ca) in enumerate(zip(v["annotations"], c["annotations"])):
+                assert va["category_id"] == ca["category_id"]
+                box = BoxMode.convert(ca["bbox"], ca["bbox_mode"], BoxMode.XYXY_ABS)
+                np.testing.assert_allclose(va["bbox"], box)  # VOC 1-based inclusive, converted
+                assert 0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h
+                # The COCO polygon and the VOC instance PNG are the same object.
+                rle = mask_utils.frPyObjects(ca["segmentation"], h, w)
+                poly = mask_utils.decode(mask_utils.merge(rle)).astype(bool)
+                png = inst == k + 1
+                iou = (poly & png).sum() / (poly | png).sum()
+                assert iou > 0.8, (v["file_name"], k, iou)
+                ys, xs = np.nonzero(png)
+                assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == list(box)
+            # Objects never overlap: every pasted object is fully visible.
+            boxes = [
+                BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                for a in c["annotations"]
+            ]
+            for i in range(len(boxes)):
+                for j in range(i):
+                    a, b = boxes[i], boxes[j]
+                    assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+
+def test_metadata_and_builtin_names(demo_root):
+    assert MetadataCatalog.get("t_demo_det_voc_val").evaluator_type == "pascal_voc"
+    assert MetadataCatalog.get("t_demo_det_coco_val").evaluator_type == "coco"
+    for name in ("demo_det_voc_train", "demo_det_voc_val", "demo_det_coco_train",
+                 "demo_det_coco_val", "demo_det_coco_train_50pct"):  # fmt: skip
+        assert name in DatasetCatalog.list()
+        assert list(MetadataCatalog.get(name).thing_classes) == list(demo_det.DEMO_DET_CLASSES)
+
+
+def _as_predictions(record, with_masks):
+    anns = record["annotations"]
+    inst = Instances((record["height"], record["width"]))
+    boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
+    inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    inst.scores = torch.ones(len(anns))
+    inst.pred_classes = torch.tensor([a["category_id"] for a in anns])
+    if with_masks:
+        h, w = record["height"], record["width"]
+        masks = [mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], h, w)))
+                 for a in anns]  # fmt: skip
+        inst.pred_masks = torch.as_tensor(np.stack(masks)).bool()
+    return {"instances": inst}
+
+
+def test_evaluators_score_the_ground_truth_perfectly(demo_root, tmp_path):
+    """Both formats are read correctly by detectron2's VOC and COCO evaluators."""
+    voc = DatasetCatalog.get("t_demo_det_voc_val")
+    ev = PascalVOCDetectionEvaluator("t_demo_det_voc_val")
+    ev.reset()
+    for r in voc:
+        ev.process([r], [_as_predictions(r, with_masks=False)])
+    res = ev.evaluate()["bbox"]
+    assert res["AP50"] == pytest.approx(100.0) and res["AP"] == pytest.approx(100.0)
+
+    coco = DatasetCatalog.get("t_demo_det_coco_val")
+    ev = COCOEvaluator("t_demo_det_coco_val", tasks=("bbox", "segm"), output_dir=str(tmp_path))
+    ev.reset()
+    for r in coco:
+        ev.process([r], [_as_predictions(r, with_masks=True)])
+    res = ev.evaluate()
+    assert res["bbox"]["AP"] == pytest.approx(100.0)
+    assert res["segm"]["AP"] > 95.0  # polygons rasterised by pycocotools vs our masks
+
+
+def test_unreadable_annotations_raise(tmp_path):
+    root = str(tmp_path / "demo_det")
+    demo_det.ensure_demo_det(root)
+    with open(os.path.join(root, "annotations", "instances_val.json"), "w") as f:
+        f.write("{ not json")
+    demo_det.register_demo_det(root, prefix="broken_demo_det")
+    try:
+        with pytest.raises(json.JSONDecodeError):
+            DatasetCatalog.get("broken_demo_det_coco_val")
+    finally:
+        for split in demo_det.DEMO_DET_SPLITS:
+            for fmt in ("voc", "coco"):
+                DatasetCatalog.remove(f"broken_demo_det_{fmt}_{split}")
+                MetadataCatalog.remove(f"broken_demo_det_{fmt}_{split}")
+
+
+def test_subset_ids_are_seeded_nested_and_sized():
+    ids = list(range(1000, 3000, 2))  # 1000 ids
+    a = subset_image_ids(ids, 0.05, seed=1)
+    assert a == subset_image_ids(list(reversed(ids)), 0.05, seed=1)  # order of input irrelevant
+    assert len(a) == 50 and set(a) <= set(ids)
+    assert set(subset_image_ids(ids, 0.01, 1)) <= set(a) <= set(subset_image_ids(ids, 0.1, 1))
+    assert subset_image_ids(ids, 0.05, seed=2) != a
+    assert len(subset_image_ids(ids, 0.0001, 1)) == 1
+    with pytest.raises(ValueError):
+        subset_image_ids(ids, 1.5, 1)
+    with pytest.raises(ValueError, match="not unique"):
+        subset_image_ids([1, 1, 2], 0.5, 1)
+
+
+def test_registered_subsets(demo_root):
+    register_subset("t_demo_det_coco_train_25pct", "t_demo_det_coco_train", 0.25, seed=3)
+    full = DatasetCatalog.get("t_demo_det_coco_train")
+    sub = DatasetCatalog.get("t_demo_det_coco_train_25pct")
+    assert len(sub) == 8
+    assert {r["image_id"] for r in sub} <= {r["image_id"] for r in full}
+    meta = MetadataCatalog.get("t_demo_det_coco_train_25pct")
+    assert meta.evaluator_type == "coco" and meta.subset_of == "t_demo_det_coco_train"
+    assert not hasattr(meta, "json_file")  # the whole set's json does not describe the subset
+    # Names with a seed resolve on first use; the split depends on it.
+    assert ensure_subset_registered("t_demo_det_coco_train_25pct_seed4")
+    other = DatasetCatalog.get("t_demo_det_coco_train_25pct_seed4")
+    assert {r["image_id"] for r in other} != {r["image_id"] for r in sub}
+    assert not ensure_subset_registered("no_such_set_10pct")
+    # COCO's builtin subsets exist without loading COCO.
+    for pct in (1, 2, 5, 10):
+        assert f"coco_2017_train_{pct}pct" in DatasetCatalog.list()
+    assert MetadataCatalog.get("coco_2017_train_10pct").subset_fraction == 0.1

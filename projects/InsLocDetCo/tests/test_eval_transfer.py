@@ -1,0 +1,274 @@
+"""Transfer configs, heads, and ``eval_transfer.py`` end to end on demo_det (CPU)."""
+
+import glob
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import PROJECT_DIR
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from torch import nn
+from utils import run_train_net
+
+from insloc_detco.transfer import demo_det, load_transfer_config
+from insloc_detco.transfer.benchmarks import BENCHMARKS
+from insloc_detco.transfer.converter import target_of_config
+from insloc_detco.transfer.runner import TransferError, run_benchmarks
+
+TRANSFER_DIR = os.path.join(PROJECT_DIR, "configs", "transfer")
+RECIPES = sorted(
+    os.path.relpath(p, TRANSFER_DIR)
+    for p in glob.glob(os.path.join(TRANSFER_DIR, "**", "*.yaml"), recursive=True)
+    if not os.path.basename(p).startswith(("Base-", "Instant-"))
+)
+# Overrides that make one demo trial take seconds: 4 iterations, 1 PreciseBN batch.
+TINY = ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "1",
+        "TEST.PRECISE_BN.NUM_ITER", "1"]  # fmt: skip
+
+
+def _eval_transfer():
+    spec = importlib.util.spec_from_file_location(
+        "eval_transfer", os.path.join(PROJECT_DIR, "eval_transfer.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------
+# Configs and heads
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_follows_protocol(name):
+    cfg = load_transfer_config(name)
+    assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.PIXEL_MEAN == [123.675, 116.28, 103.53]
+    assert cfg.MODEL.PIXEL_STD == [58.395, 57.12, 57.375]
+    assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+    assert cfg.MODEL.RESNETS.NORM == "naiveSyncBN" and cfg.TEST.PRECISE_BN.ENABLED
+    assert cfg.MODEL.WEIGHTS == ""  # never the supervised ImageNet default of the baseline
+    target = target_of_config(cfg)
+    if target == "c4":
+        assert cfg.MODEL.ROI_HEADS.NAME == "ExtraNormRes5ROIHeads"
+    else:
+        assert cfg.MODEL.FPN.NORM == "naiveSyncBN"
+    if target == "fpn":
+        assert (cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_BOX_HEAD.NUM_FC) == (4, 1)
+    if not name.startswith("instant_test/"):
+        # Inherited from detectron2's baselines, not restated: batch 16, 2 images per GPU x 8.
+        assert cfg.SOLVER.IMS_PER_BATCH == 16
+        assert cfg.SOLVER.BASE_LR == (0.01 if target == "retinanet" else 0.02)
+        assert cfg.SOLVER.STEPS[-1] < cfg.SOLVER.MAX_ITER
+
+
+def test_recipe_schedules():
+    voc = load_transfer_config("voc_faster_rcnn_R_50_C4_24k.yaml")
+    assert (voc.SOLVER.MAX_ITER, voc.SOLVER.STEPS, voc.SOLVER.WARMUP_ITERS) == (
+        24000,
+        (18000, 22000),
+        100,
+    )
+    assert voc.DATASETS.TRAIN == ("voc_2007_trainval", "voc_2012_trainval")
+    assert voc.MODEL.ROI_HEADS.NUM_CLASSES == 20 and voc.INPUT.MIN_SIZE_TEST == 800
+    assert load_transfer_config("coco_mask_rcnn_R_50_FPN_2x.yaml").SOLVER.MAX_ITER == 180000
+    mini = load_transfer_config("mini_coco_mask_rcnn_R_50_C4_12ep.yaml")
+    assert mini.DATASETS.TRAIN == ("coco_2017_train_10pct",) and mini.MODEL.MASK_ON
+    assert mini.SOLVER.MAX_ITER == round(12 * round(0.1 * 118287) / 16)
+    semi = load_transfer_config("coco_retinanet_R_50_FPN_12k_1pct.yaml", ["SOLVER.MAX_ITER", "7"])
+    assert semi.DATASETS.TRAIN == ("coco_2017_train_1pct",) and semi.SOLVER.MAX_ITER == 7
+    for b in BENCHMARKS.values():
+        load_transfer_config(b.config)  # every benchmark points at a loadable config
+
+
+def test_extra_norm_heads_and_stock_reload(tmp_path):
+    c4 = load_transfer_config("instant_test/coco_mask_rcnn_R_50_C4.yaml")
+    model = build_model(c4)
+    res5 = model.roi_heads.res5
+    assert [n for n, _ in res5.named_children()] == ["0", "1", "2", "norm"]
+    # In training the extra BN normalises res5's output per channel.
+    res5.train()
+    y = res5(torch.randn(4, 1024, 6, 6))
+    assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (y.var(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 1e-2
+
+    fpn = load_transfer_config("instant_test/coco_mask_rcnn_R_50_FPN.yaml")
+    head = build_model(fpn).roi_heads.box_head
+    assert isinstance(head.fc_norm, nn.BatchNorm2d) and head.output_shape.channels == 1024
+    head.train()
+    out = head(torch.randn(6, 256, 7, 7))
+    assert out.shape == (6, 1024) and out.mean(0).abs().max() < 1e-4
+
+    # The dumped, fully resolved config loads with stock detectron2 and builds the same model.
+    path = tmp_path / "config.yaml"
+    path.write_text(fpn.dump())
+    stock = get_cfg()
+    stock.merge_from_file(str(path))
+    assert stock.MODEL.ROI_BOX_HEAD.NAME == "ExtraNormConvFCHead"
+    assert set(build_model(stock).state_dict()) == set(build_model(fpn).state_dict())
+
+
+@pytest.fixture(scope="module")
+def demo_names(tmp_path_factory):
+    """demo_det in a temporary folder, registered as t_demo_det_* (the default root is cwd's)."""
+    root = str(tmp_path_factory.mktemp("data") / "demo_det")
+    demo_det.register_demo_det(root, prefix="t_demo_det")
+    yield "t_demo_det"
+    for split in demo_det.DEMO_DET_SPLITS:
+        for fmt in ("voc", "coco"):
+            DatasetCatalog.remove(f"t_demo_det_{fmt}_{split}")
+            MetadataCatalog.remove(f"t_demo_det_{fmt}_{split}")
+
+
+def test_fpn_detector_trains_a_step(demo_names):
+    """The FPN recipe (naiveSyncBN everywhere, masks) runs a training step on demo_det."""
+    from detectron2.data import build_detection_train_loader
+
+    cfg = load_transfer_config(
+        "instant_test/coco_mask_rcnn_R_50_FPN.yaml",
+        ["DATASETS.TRAIN", f"('{demo_names}_coco_train',)"],
+    )
+    model = build_model(cfg).train()
+    batch = next(iter(build_detection_train_loader(cfg)))
+    with EventStorage():
+        losses = model(batch)
+    assert {"loss_cls", "loss_box_reg", "loss_mask"} <= set(losses)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.roi_heads.box_head.fc_norm.weight.grad is not None
+
+
+# ------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def moco_checkpoint(tmp_path_factory):
+    """A real MoCo v2 instant pretraining run (train_net.py, ~15 s)."""
+    out = str(tmp_path_factory.mktemp("pretrain_moco"))
+    proc = run_train_net(
+        "--config-file", "instant_test/pretrain_moco_v2.yaml",
+        "OUTPUT_DIR", out, "SOLVER.CHECKPOINT_PERIOD", "100",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return os.path.join(out, "model_final.pth")
+
+
+def test_run_end_to_end_and_rerun_skips(moco_checkpoint, tmp_path):
+    out = str(tmp_path / "transfer")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DETECTRON2_DATASETS=str(tmp_path / "data"))
+    cmd = [sys.executable, os.path.join(PROJECT_DIR, "eval_transfer.py"), "run", moco_checkpoint,
+           "--benchmark", "demo_voc_c4", "--trials", "2", "--output-dir", out, *TINY]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert wall < 300
+
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)["demo_voc_c4"]
+    assert results["target"] == "c4" and len(results["trials"]) == 2
+    assert [t["seed"] for t in results["trials"]] == [1, 2]
+    for t in results["trials"]:
+        assert set(t["metrics"]["bbox"]) >= {"AP", "AP50", "AP75"}
+        assert t["max_iter"] == 4
+    summary = results["summary"]
+    assert set(summary) == {"AP", "AP50", "AP75"}  # no masks in VOC
+    assert summary["AP"]["n"] == 2 and summary["AP"]["std"] is not None
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| demo_voc_c4 |" in table and "±" in table
+    assert os.path.isfile(os.path.join(out, "weights", os.path.basename(results["weights"])))
+
+    # Each trial dumped a fully resolved config that stock detectron2 loads.
+    trial0 = os.path.join(out, "demo_voc_c4", "trial0")
+    text = open(os.path.join(trial0, "config.yaml")).read()
+    assert "_BASE_" not in text and "_MODEL_ZOO_BASE_" not in text
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(trial0, "config.yaml"))
+    assert cfg.MODEL.WEIGHTS == results["weights"] and cfg.SEED == 1
+    assert os.path.isfile(os.path.join(trial0, "model_final.pth"))
+
+    # Re-running skips finished trials: nothing is trained again.
+    stamp = os.path.getmtime(os.path.join(trial0, "results.json"))
+    demo_det.register_demo_det(str(tmp_path / "data" / "demo_det"), prefix="e2e_demo_det")
+    again = run_benchmarks(
+        moco_checkpoint, [BENCHMARKS["demo_voc_c4"]], out, trials=2,
+        opts=TINY + ["DATASETS.TRAIN", "('e2e_demo_det_voc_train',)",
+                     "DATASETS.TEST", "('e2e_demo_det_voc_val',)"],
+    )  # fmt: skip
+    assert os.path.getmtime(os.path.join(trial0, "results.json")) == stamp
+    assert again["demo_voc_c4"]["summary"]["AP"]["values"] == summary["AP"]["values"]
+
+
+def test_cli_list_and_convert(moco_checkpoint, tmp_path, capsys):
+    cli = _eval_transfer()
+    assert cli.main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("voc_c4_24k", "coco_fpn_1x", "mini_coco_c4_12ep", "semi_coco_1pct_retinanet_12k"):
+        assert name in listing
+    pkl = str(tmp_path / "moco.pkl")
+    assert cli.main(["convert", moco_checkpoint, pkl]) == 0  # auto: MoCo v2 -> c4
+    printed = capsys.readouterr().out
+    assert "roi_heads.res5.*" in printed and "key (momentum) encoder" in printed
+    with open(pkl, "rb") as f:
+        data = pickle.load(f)
+    assert data["target"] == "c4" and data["meta_architecture"] == "MoCoV2"
+    assert data["matching_heuristics"] is True and "backbone.res4.5.conv3.weight" in data["model"]
+
+
+def test_clear_errors(moco_checkpoint, tmp_path, capsys):
+    cli = _eval_transfer()
+    out = str(tmp_path / "out")
+    # A checkpoint that is not a pretraining checkpoint.
+    wrong = str(tmp_path / "detector.pth")
+    torch.save({"model": {"backbone.res2.0.conv1.weight": torch.ones(1)}}, wrong)
+    assert cli.main(["run", wrong, "--benchmark", "demo_voc_c4", "--output-dir", out]) == 2
+    assert "Not an InsLocDetCo pretraining checkpoint" in capsys.readouterr().err
+    # A file that is no checkpoint at all.
+    garbage = tmp_path / "model_final.pth"
+    garbage.write_bytes(b"\x00garbage")
+    assert cli.main(["run", str(garbage), "--benchmark", "demo_voc_c4", "--output-dir", out]) == 2
+    assert "Cannot read" in capsys.readouterr().err
+    # A .pkl converted for C4 used by an FPN benchmark.
+    pkl = str(tmp_path / "moco_c4.pkl")
+    assert cli.main(["convert", moco_checkpoint, pkl, "--target", "c4"]) == 0
+    assert cli.main(["run", pkl, "--benchmark", "demo_coco_fpn", "--output-dir", out]) == 2
+    assert "converted for a 'c4' detector" in capsys.readouterr().err
+    # Unknown benchmark, several CPU processes.
+    assert cli.main(["run", pkl, "--benchmark", "voc_c5", "--output-dir", out]) == 2
+    assert "Unknown benchmark 'voc_c5'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(TransferError, match="need CUDA"):
+            run_benchmarks(pkl, [BENCHMARKS["demo_voc_c4"]], out, num_gpus=2)
+
+
+def test_unreadable_annotations_are_a_clear_error(moco_checkpoint, tmp_path, capsys):
+    root = str(tmp_path / "demo_det")
+    demo_det.ensure_demo_det(root)
+    xml = os.path.join(root, "Annotations", "000001.xml")
+    with open(xml, "w") as f:
+        f.write("<annotation><object>")  # truncated
+    demo_det.register_demo_det(root, prefix="corrupt_demo_det")
+    try:
+        code = _eval_transfer().main([
+            "run", moco_checkpoint, "--benchmark", "demo_voc_c4", "--output-dir", str(tmp_path / "o"),
+            "DATASETS.TRAIN", "('corrupt_demo_det_voc_train',)",
+            "DATASETS.TEST", "('corrupt_demo_det_voc_val',)",
+        ])  # fmt: skip
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "Cannot read the annotations of dataset 'corrupt_demo_det_voc_train'" in err
+        assert root in err and "ParseError" in err
+        assert not os.path.isdir(str(tmp_path / "o" / "demo_voc_c4"))  # nothing launched
+    finally:
+        for split in demo_det.DEMO_DET_SPLITS:
+            for fmt in ("voc", "coco"):
+                DatasetCatalog.remove(f"corrupt_demo_det_{fmt}_{split}")
+                MetadataCatalog.remove(f"corrupt_demo_det_{fmt}_{split}")
