@@ -11,8 +11,11 @@ from PIL import Image
 from insloc_detco.data import build_pretrain_train_loader
 from insloc_detco.data.copy_paste import CopyPasteMapper, paste, sample_foreground
 
-S = 128  # canvas of the instant-test config
-NO_PHOTOMETRIC = (
+S = 128  # canvas
+# Fixed canvas and paste sizes, no photometric augmentation: exact pixels can be checked.
+FIXED = (
+    "INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE", str(S),
+    "INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE", "(64, 127)",
     "INPUT.PRETRAIN.COLOR_JITTER_PROB", "0.0",
     "INPUT.PRETRAIN.GRAYSCALE_PROB", "0.0",
     "INPUT.PRETRAIN.BLUR_PROB", "0.0",
@@ -33,7 +36,7 @@ def flat_images(tmp_path_factory):
 
 
 def make_mapper(dicts, *opts):
-    cfg = load_config("instant_test/pretrain_insloc_fpn.yaml", *NO_PHOTOMETRIC, *opts)
+    cfg = load_config("instant_test/pretrain_insloc_fpn.yaml", *FIXED, *opts)
     return CopyPasteMapper(cfg, dicts)
 
 
@@ -137,10 +140,7 @@ def test_flip_moves_the_box(flat_images):
 
 
 def test_photometric_applies_to_the_whole_composite(flat_images):
-    cfg = load_config(
-        "instant_test/pretrain_insloc_fpn.yaml", "INPUT.PRETRAIN.GRAYSCALE_PROB", "1.0"
-    )
-    out = CopyPasteMapper(cfg, flat_images)(flat_images[0])
+    out = make_mapper(flat_images, "INPUT.PRETRAIN.GRAYSCALE_PROB", "1.0")(flat_images[0])
     view = out["view_q"].int()
     assert (view[0] == view[1]).all() and (view[1] == view[2]).all(), "not all grayscale"
     assert out["view_q"].dtype == torch.uint8 and out["box_q"].dtype == torch.float32
@@ -162,7 +162,7 @@ def test_loader_workers_do_not_share_random_streams(tmp_path):
         Image.new("RGB", (160, 120), COLOURS[0]).save(tmp_path / f"{i}.png")
     cfg = load_config(
         "instant_test/pretrain_insloc_fpn.yaml",
-        *NO_PHOTOMETRIC,
+        *FIXED,
         "DATASETS.TRAIN", f"('folder:{tmp_path}',)",
         "DATALOADER.NUM_WORKERS", "2",
         "SOLVER.IMS_PER_BATCH", "4",

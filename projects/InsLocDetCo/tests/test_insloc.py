@@ -238,9 +238,20 @@ def test_level_loss_weights():
 
 
 @pytest.mark.parametrize(
-    "name", ["instant_test/pretrain_insloc_fpn.yaml", "instant_test/pretrain_insloc_c4.yaml"]
+    "name,switches",
+    [
+        ("pretrain_insloc_fpn.yaml", (True, True, True)),
+        ("pretrain_insloc_c4.yaml", (True, True, True)),
+        ("instant_test/pretrain_insloc_fpn.yaml", (True, True, True)),
+        ("instant_test/pretrain_insloc_c4.yaml", (True, True, True)),
+        ("ablation/insloc_fpn_roialign.yaml", (True, False, False)),
+        ("ablation/insloc_fpn_copypaste.yaml", (True, True, False)),
+    ],
 )
-def test_configs_load(name):
+def test_configs_load(name, switches):
     cfg = load_config(name)
+    i = cfg.MODEL.INSLOC
+    assert (i.ROI_ALIGN, i.COPY_PASTE, i.BOX_AUG) == switches  # InsLoc Table 3b rows
     assert cfg.INPUT.PRETRAIN.MAPPER == "CopyPasteMapper"
-    assert len(cfg.MODEL.INSLOC.LEVEL_LOSS_WEIGHTS) == len(cfg.MODEL.INSLOC.IN_FEATURES)
+    assert len(i.LEVEL_LOSS_WEIGHTS) == len(i.IN_FEATURES)
+    assert set(i.BOX_AUG_FEATURES) <= set(i.IN_FEATURES)

@@ -126,7 +126,8 @@ class CopyPasteMapper(PretrainDatasetMapper):
         """
         super().__init__(**kwargs)
         assert background in ("dataset", "batch"), f"unknown background source '{background}'"
-        assert paste_size[1] <= canvas_size, "the pasted instance must fit inside the canvas"
+        if copy_paste:
+            assert paste_size[1] <= canvas_size, "the pasted instance must fit inside the canvas"
         if copy_paste and background == "dataset":
             assert background_files, "'dataset' backgrounds need the dataset's file names"
         self.canvas_size = canvas_size
