@@ -66,7 +66,8 @@ class JigsawSampler:
             "cell_size": j.CELL_SIZE,
             "patch_size": j.PATCH_SIZE,
             "crop_scale": tuple(j.CROP_SCALE),
-            # Choice: the paper gives no aspect range; the global views' RandomResizedCrop one.
+            # Choice: the paper gives no aspect range; PIRL-style RandomResizedCrop, the global
+            # views' range (3/4, 4/3).
             "crop_ratio": tuple(cfg.INPUT.PRETRAIN.CROP_RATIO),
             "flip_prob": cfg.INPUT.PRETRAIN.FLIP_PROB,
         }
