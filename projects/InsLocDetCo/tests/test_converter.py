@@ -226,6 +226,9 @@ def test_refuses_what_it_does_not_recognise():
     # nothing at all
     with pytest.raises(ConversionError, match="no query-encoder"):
         convert_state_dict({}, "c4")
+    # a query encoder of no known layout, and no config.yaml to say what it is
+    with pytest.raises(ConversionError, match="Unrecognised query-encoder layout"):
+        convert_state_dict({"encoder_q.trunk.conv1.weight": torch.ones(1)}, "c4")
     # an unknown meta-architecture
     with pytest.raises(ConversionError, match="Don't know how to convert"):
         convert_state_dict(sd, "c4", "SimCLR")

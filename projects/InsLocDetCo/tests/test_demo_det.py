@@ -33,6 +33,11 @@ def demo_root(tmp_path_factory):
             MetadataCatalog.remove(f"t_demo_det_{fmt}_{split}")
 
 
+def _polygon_mask(polygons, h, w):
+    """(H, W) uint8 mask of COCO polygons, rasterised by pycocotools as COCOeval does."""
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, h, w)))
+
+
 def _digest(root):
     h = hashlib.sha256()
     for dirpath, dirnames, files in sorted(os.walk(root)):
@@ -72,8 +77,7 @@ def test_voc_and_coco_describe_the_same_objects(demo_root):
                 np.testing.assert_allclose(va["bbox"], box)  # VOC 1-based inclusive, converted
                 assert 0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h
                 # The COCO polygon and the VOC instance PNG are the same object.
-                rle = mask_utils.frPyObjects(ca["segmentation"], h, w)
-                poly = mask_utils.decode(mask_utils.merge(rle)).astype(bool)
+                poly = _polygon_mask(ca["segmentation"], h, w).astype(bool)
                 png = inst == k + 1
                 iou = (poly & png).sum() / (poly | png).sum()
                 assert iou > 0.8, (v["file_name"], k, iou)
@@ -108,8 +112,7 @@ def _as_predictions(record, with_masks):
     inst.pred_classes = torch.tensor([a["category_id"] for a in anns])
     if with_masks:
         h, w = record["height"], record["width"]
-        masks = [mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], h, w)))
-                 for a in anns]  # fmt: skip
+        masks = [_polygon_mask(a["segmentation"], h, w) for a in anns]
         inst.pred_masks = torch.as_tensor(np.stack(masks)).bool()
     return {"instances": inst}
 

@@ -258,7 +258,8 @@ def test_unreadable_annotations_are_a_clear_error(moco_checkpoint, tmp_path, cap
     demo_det.register_demo_det(root, prefix="corrupt_demo_det")
     try:
         code = _eval_transfer().main([
-            "run", moco_checkpoint, "--benchmark", "demo_voc_c4", "--output-dir", str(tmp_path / "o"),
+            "run", moco_checkpoint, "--benchmark", "demo_voc_c4",
+            "--output-dir", str(tmp_path / "o"),
             "DATASETS.TRAIN", "('corrupt_demo_det_voc_train',)",
             "DATASETS.TEST", "('corrupt_demo_det_voc_val',)",
         ])  # fmt: skip

@@ -63,7 +63,7 @@ def load_transfer_config(name: str, opts: Sequence[str] = ()) -> CfgNode:
     if base:
         # RetinaNet's baseline builds its anchor sizes with a python tag, so model-zoo files
         # (shipped with detectron2, trusted) load unsafely, without the warning; ours stay safe.
-        with _quiet("fvcore.common.config"):
+        with quiet_logger("fvcore.common.config"):
             cfg.merge_from_file(model_zoo.get_config_file(base), allow_unsafe=True)
     cfg.merge_from_other_cfg(CfgNode(ours))
     cfg.merge_from_list(list(opts))
@@ -71,7 +71,8 @@ def load_transfer_config(name: str, opts: Sequence[str] = ()) -> CfgNode:
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str):
+def quiet_logger(logger_name: str):
+    """Only errors from ``logger_name`` inside the block (for messages we know are noise)."""
     lg = logging.getLogger(logger_name)
     level = lg.level
     lg.setLevel(logging.ERROR)

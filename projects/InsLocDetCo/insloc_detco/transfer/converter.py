@@ -286,8 +286,13 @@ def convert_state_dict(
         )
     if meta_architecture is None:
         meta_architecture = _infer_meta_architecture(keys)
+        if meta_architecture is None:
+            raise ConversionError(
+                f"Unrecognised query-encoder layout (no ResNet under '{_Q}backbone.'), and no "
+                "config.yaml next to the checkpoint says which method wrote it."
+            )
         logger.warning(
-            f"No config.yaml next to the checkpoint: layout looks like {meta_architecture}."
+            f"No config.yaml next to the checkpoint: the layout looks like {meta_architecture}."
         )
     if meta_architecture not in KNOWN_META_ARCHITECTURES:
         raise ConversionError(
@@ -296,7 +301,7 @@ def convert_state_dict(
         )
 
     groups = _source_groups(keys)
-    _check_layout(groups, meta_architecture, target)
+    _check_layout(groups, meta_architecture)
 
     model: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     rows: "OrderedDict[Tuple[str, str], List[int]]" = OrderedDict()
@@ -335,7 +340,7 @@ def convert_state_dict(
     )
 
 
-def _check_layout(groups: Dict[str, Dict[str, str]], meta_architecture: str, target: str):
+def _check_layout(groups: Dict[str, Dict[str, str]], meta_architecture: str):
     """Refuse partial conversions: a missing stage would silently stay randomly initialised."""
     missing = [s for s in _STAGES if s not in groups]
     if missing:

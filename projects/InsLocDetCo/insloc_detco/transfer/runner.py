@@ -33,7 +33,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..engine import resolve_device
 from .benchmarks import Benchmark
-from .config import load_transfer_config
+from .config import load_transfer_config, quiet_logger
 from .converter import (
     convert_checkpoint,
     load_model_zoo_pkl,
@@ -135,9 +135,11 @@ def check_weights(cfg, pkl: str) -> Dict[str, int]:
     data = load_model_zoo_pkl(pkl)
     ckpt = {k: torch.as_tensor(v) for k, v in data["model"].items()}
     if data.get("matching_heuristics", False):
-        ckpt = align_and_update_state_dicts(
-            model_state, ckpt, c2_conversion=data["__author__"] == "Caffe2"
-        )
+        # Its table of matches is printed again when the trial loads the weights.
+        with quiet_logger("detectron2.checkpoint.c2_model_loading"):
+            ckpt = align_and_update_state_dicts(
+                model_state, ckpt, c2_conversion=data["__author__"] == "Caffe2"
+            )
     loaded = [k for k in ckpt if k in model_state and model_state[k].shape == ckpt[k].shape]
     wrong = [k for k in ckpt if k in model_state and model_state[k].shape != ckpt[k].shape]
     if wrong:
@@ -272,10 +274,11 @@ def run_benchmarks(
         for t in range(trials or bench.trials):
             trial_dir = os.path.join(output_dir, bench.name, f"trial{t}")
             result_file = os.path.join(trial_dir, "results.json")
+            trial_cfg = _trial_config(cfg, pkl, trial_dir, seed + t)
+            config_file = os.path.join(trial_dir, "config.yaml")
             if not os.path.isfile(result_file):
-                trial_cfg = _trial_config(cfg, pkl, trial_dir, seed + t)
                 os.makedirs(trial_dir, exist_ok=True)
-                with open(os.path.join(trial_dir, "config.yaml"), "w") as f:
+                with open(config_file, "w") as f:
                     f.write(trial_cfg.dump())  # fully resolved: stock tools can rerun it
                 info = {"benchmark": bench.name, "trial": t, "seed": seed + t, "weights": pkl,
                         "config": bench.config, "max_iter": trial_cfg.SOLVER.MAX_ITER,
@@ -286,6 +289,11 @@ def run_benchmarks(
                        args=(trial_cfg, info))  # fmt: skip
             else:
                 logger.info(f"[{bench.name}] trial {t}: finished earlier, skipped ({result_file})")
+                if open(config_file).read() != trial_cfg.dump():
+                    logger.warning(
+                        f"[{bench.name}] trial {t} ran with another config than this command's "
+                        f"(see {config_file}); delete {trial_dir} to run it again."
+                    )
             if machine_rank == 0:
                 with open(result_file) as f:
                     done.append(json.load(f))
