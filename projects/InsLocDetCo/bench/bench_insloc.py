@@ -50,17 +50,27 @@ def with_background(cfg, source: str):
 
 
 def measure_mapper(cfg, images: int = 48) -> float:
-    """Mapper (and ``collate``, per batch of ``IMS_PER_BATCH``) in this process: img/s."""
+    """Mapper (and ``collate``, per batch of ``IMS_PER_BATCH``) in this process, on one torch
+    thread as in a loader worker: img/s."""
     dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
     mapper = build_pretrain_mapper(cfg, dicts)
     collate = getattr(mapper, "collate", lambda batch: batch)
-    batch_size, done = cfg.SOLVER.IMS_PER_BATCH, 0
-    records = itertools.cycle(dicts)
-    start = time.perf_counter()
-    while done < images:
+    batch_size, records = cfg.SOLVER.IMS_PER_BATCH, itertools.cycle(dicts)
+
+    def one_batch():
         batch = [x for x in (mapper(next(records)) for _ in range(batch_size)) if x is not None]
-        done += len(collate(batch))
-    return done / (time.perf_counter() - start)
+        return len(collate(batch))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # DataLoader workers run single-threaded
+    try:
+        one_batch()  # first-call costs (lazy imports, allocator) are not throughput
+        done, start = 0, time.perf_counter()
+        while done < images:
+            done += one_batch()
+        return done / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def best_of(repeats: int, runs, measure):
