@@ -241,12 +241,20 @@ def test_clear_errors(moco_checkpoint, tmp_path, capsys):
     assert cli.main(["convert", moco_checkpoint, pkl, "--target", "c4"]) == 0
     assert cli.main(["run", pkl, "--benchmark", "demo_coco_fpn", "--output-dir", out]) == 2
     assert "converted for a 'c4' detector" in capsys.readouterr().err
-    # Unknown benchmark, several CPU processes.
+    # Unknown benchmark.
     assert cli.main(["run", pkl, "--benchmark", "voc_c5", "--output-dir", out]) == 2
     assert "Unknown benchmark 'voc_c5'" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        with pytest.raises(TransferError, match="need CUDA"):
-            run_benchmarks(pkl, [BENCHMARKS["demo_voc_c4"]], out, num_gpus=2)
+
+
+def test_two_processes(moco_checkpoint, tmp_path):
+    """Fine-tuning under launch with 2 processes (gloo on CPU; DDP without a device id)."""
+    out = str(tmp_path / "two")
+    opts = ["SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(1,)"]
+    results = run_benchmarks(
+        moco_checkpoint, [BENCHMARKS["demo_voc_c4"]], out, trials=1, opts=opts, num_gpus=2
+    )
+    assert len(results["demo_voc_c4"]["trials"]) == 1
+    assert os.path.exists(os.path.join(out, "results.json"))
 
 
 def test_unreadable_annotations_are_a_clear_error(moco_checkpoint, tmp_path, capsys):

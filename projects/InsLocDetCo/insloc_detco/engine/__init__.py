@@ -1,5 +1,6 @@
 from .hooks import PlotCurvesHook, SkippedImagesHook, plot_metrics
 from .trainer import (
+    DeviceAgnosticTrainer,
     PretrainTrainer,
     create_ddp_model_any_device,
     resolve_config_file,

@@ -15,6 +15,7 @@ from ..data import build_pretrain_train_loader, get_pretrain_dataset_dicts
 from .hooks import PlotCurvesHook, SkippedImagesHook
 
 __all__ = [
+    "DeviceAgnosticTrainer",
     "PretrainTrainer",
     "create_ddp_model_any_device",
     "resolve_epochs",
@@ -27,17 +28,14 @@ logger = logging.getLogger(__name__)
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
 
 
-class PretrainTrainer(DefaultTrainer):
+class DeviceAgnosticTrainer(DefaultTrainer):
     """
-    Self-supervised pretraining with detectron2's loop: SGD + ``WarmupCosineLR`` from the
-    config, ``REFERENCE_WORLD_SIZE`` scaling, AMP, DDP, periodic checkpoints with
-    ``resume_or_load``, and detectron2's console / ``metrics.json`` / TensorBoard writers.
-    There is no evaluation during pretraining: transfer is measured by ``eval_transfer.py``.
+    ``DefaultTrainer`` whose DDP wrapper also works for CPU models (several gloo processes),
+    where detectron2 would pass a CUDA device id. Used for pretraining and fine-tuning.
     """
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__, except that DDP is also built for CPU models (gloo), where
-        # detectron2 would pass a CUDA device id.
+        # DefaultTrainer.__init__, with create_ddp_model_any_device.
         TrainerBase.__init__(self)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
@@ -57,6 +55,15 @@ class PretrainTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+
+class PretrainTrainer(DeviceAgnosticTrainer):
+    """
+    Self-supervised pretraining with detectron2's loop: SGD + ``WarmupCosineLR`` from the
+    config, ``REFERENCE_WORLD_SIZE`` scaling, AMP, DDP, periodic checkpoints with
+    ``resume_or_load``, and detectron2's console / ``metrics.json`` / TensorBoard writers.
+    There is no evaluation during pretraining: transfer is measured by ``eval_transfer.py``.
+    """
 
     @classmethod
     def build_train_loader(cls, cfg):

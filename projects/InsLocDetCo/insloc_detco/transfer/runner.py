@@ -253,11 +253,6 @@ def run_benchmarks(
     Returns:
         benchmark name -> results (as written to ``results.json``).
     """
-    if num_gpus * num_machines > 1 and not torch.cuda.is_available():
-        raise TransferError(
-            "Several processes need CUDA: detectron2's trainer wraps the model in "
-            "DistributedDataParallel with a GPU id. Use --num-gpus 1 on a CPU."
-        )
     os.makedirs(output_dir, exist_ok=True)
     all_results: Dict[str, Dict] = {}
     for bench in benchmarks:

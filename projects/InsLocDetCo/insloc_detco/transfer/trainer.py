@@ -3,15 +3,16 @@
 import os
 
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+
+from ..engine.trainer import DeviceAgnosticTrainer
 
 __all__ = ["TransferTrainer"]
 
 
-class TransferTrainer(DefaultTrainer):
+class TransferTrainer(DeviceAgnosticTrainer):
     """
-    ``DefaultTrainer`` (SGD, warmup + steps, PreciseBN, checkpoints with resume, evaluation
+    detectron2's ``DefaultTrainer`` (also on several CPU processes; SGD, warmup + steps, PreciseBN, checkpoints with resume, evaluation
     after the last iteration) with the evaluator chosen by the test set's ``evaluator_type``,
     as detectron2's ``tools/train_net.py`` does for these two types.
     """
