@@ -22,7 +22,7 @@ from utils import run_train_net
 from insloc_detco.transfer import demo_det, load_transfer_config
 from insloc_detco.transfer.benchmarks import BENCHMARKS
 from insloc_detco.transfer.converter import target_of_config
-from insloc_detco.transfer.runner import TransferError, run_benchmarks
+from insloc_detco.transfer.runner import run_benchmarks
 
 TRANSFER_DIR = os.path.join(PROJECT_DIR, "configs", "transfer")
 RECIPES = sorted(

@@ -12,9 +12,9 @@ __all__ = ["TransferTrainer"]
 
 class TransferTrainer(DeviceAgnosticTrainer):
     """
-    detectron2's ``DefaultTrainer`` (also on several CPU processes; SGD, warmup + steps, PreciseBN, checkpoints with resume, evaluation
-    after the last iteration) with the evaluator chosen by the test set's ``evaluator_type``,
-    as detectron2's ``tools/train_net.py`` does for these two types.
+    detectron2's ``DefaultTrainer`` (SGD, warmup + steps, PreciseBN, checkpoints with resume,
+    evaluation after the last iteration; also on several CPU processes) with the evaluator
+    chosen by the test set's ``evaluator_type``, as detectron2's ``tools/train_net.py`` does.
     """
 
     @classmethod
