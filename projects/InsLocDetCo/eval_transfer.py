@@ -33,7 +33,12 @@ from insloc_detco.transfer.converter import (
     load_pretrain_checkpoint,
     save_model_zoo_pkl,
 )
-from insloc_detco.transfer.runner import TransferError, run_benchmarks, setup_console_logging
+from insloc_detco.transfer.runner import (
+    RANDOM_INIT,
+    TransferError,
+    run_benchmarks,
+    setup_console_logging,
+)
 
 
 def convert(args):
@@ -56,9 +61,11 @@ def run(args):
         benchmarks = [get_benchmark(n) for names in args.benchmark for n in names.split(",")]
     except KeyError as e:
         raise TransferError(e.args[0]) from None
-    output_dir = args.output_dir or os.path.join(
-        os.path.dirname(os.path.abspath(args.weights)), "transfer"
-    )
+    if args.weights == RANDOM_INIT:
+        default_dir = os.path.join("output", "transfer_random_init")
+    else:
+        default_dir = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "transfer")
+    output_dir = args.output_dir or default_dir
     run_benchmarks(
         args.weights,
         benchmarks,
@@ -91,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     r = sub.add_parser("run", help="convert, fine-tune, evaluate, tabulate")
-    r.add_argument("weights", nargs="?", help="pretraining checkpoint (.pth) or converted .pkl")
+    r.add_argument(
+        "weights",
+        nargs="?",
+        help="pretraining checkpoint (.pth), converted .pkl, or 'random' (no pretraining)",
+    )
     r.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     r.add_argument(
         "--benchmark",

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from conftest import PROJECT_DIR
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -246,15 +247,20 @@ def test_clear_errors(moco_checkpoint, tmp_path, capsys):
     assert "Unknown benchmark 'voc_c5'" in capsys.readouterr().err
 
 
-def test_two_processes(moco_checkpoint, tmp_path):
-    """Fine-tuning under launch with 2 processes (gloo on CPU; DDP without a device id)."""
+def test_random_init_on_two_processes(tmp_path):
+    """The no-pretraining baseline, fine-tuned under launch with 2 processes (gloo on CPU:
+    DDP without a device id)."""
     out = str(tmp_path / "two")
     opts = ["SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(1,)"]
     results = run_benchmarks(
-        moco_checkpoint, [BENCHMARKS["demo_voc_c4"]], out, trials=1, opts=opts, num_gpus=2
+        "random", [BENCHMARKS["demo_voc_c4"]], out, trials=1, opts=opts, num_gpus=2
     )
-    assert len(results["demo_voc_c4"]["trials"]) == 1
-    assert os.path.exists(os.path.join(out, "results.json"))
+    r = results["demo_voc_c4"]
+    assert r["weights"] == "random" and len(r["trials"]) == 1
+    assert r["trials"][0]["world_size"] == 2
+    cfg = yaml.safe_load(open(os.path.join(out, "demo_voc_c4", "trial0", "config.yaml")))
+    assert cfg["MODEL"]["WEIGHTS"] == ""
+    assert "| demo_voc_c4 | random | 1 |" in open(os.path.join(out, "results.md")).read()
 
 
 def test_unreadable_annotations_are_a_clear_error(moco_checkpoint, tmp_path, capsys):

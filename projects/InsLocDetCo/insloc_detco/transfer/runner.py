@@ -63,14 +63,20 @@ class TransferError(RuntimeError):
 # ------------------------------------------------------------------------------------------
 # Checks done once, in the launching process, before any GPU is busy
 # ------------------------------------------------------------------------------------------
+RANDOM_INIT = "random"  # the ``weights`` that fine-tune from detectron2's random init
+
+
 def prepare_weights(weights: str, target: str, output_dir: str) -> str:
     """
     Args:
-        weights: a pretraining checkpoint (``.pth``, converted here) or a model-zoo ``.pkl``.
+        weights: a pretraining checkpoint (``.pth``, converted here), a model-zoo ``.pkl``, or
+            ``"random"`` (no pretraining: the detector's own initialisation).
         target: the detector layout of the benchmark.
     Returns:
-        path of a ``.pkl`` for that layout.
+        path of a ``.pkl`` for that layout ("" for random init).
     """
+    if weights == RANDOM_INIT:
+        return ""
     if weights.endswith(".pkl"):
         data = load_model_zoo_pkl(weights)
         if data.get("target", target) != target:
@@ -260,11 +266,13 @@ def run_benchmarks(
         target = target_of_config(cfg)
         pkl = prepare_weights(weights, target, output_dir)
         counts = check_datasets(cfg)
-        report = check_weights(cfg, pkl)
-        logger.info(
-            f"[{bench.name}] {report['loaded']} of the detector's {report['model']} tensors "
-            f"come from {os.path.basename(pkl)}; data: {counts}"
-        )
+        if pkl:
+            report = check_weights(cfg, pkl)
+            source = f"{report['loaded']} of the detector's {report['model']} tensors come from "
+            source += os.path.basename(pkl)
+        else:
+            source = "random initialisation (no pretrained tensor)"
+        logger.info(f"[{bench.name}] {source}; data: {counts}")
         done: List[Dict] = []
         for t in range(trials or bench.trials):
             trial_dir = os.path.join(output_dir, bench.name, f"trial{t}")
@@ -297,7 +305,7 @@ def run_benchmarks(
                 "benchmark": bench.name,
                 "config": bench.config,
                 "target": target,
-                "weights": pkl,
+                "weights": pkl or RANDOM_INIT,
                 "trials": done,
                 "summary": summarize(done),
                 "machine": done[-1]["machine"],
