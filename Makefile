@@ -16,6 +16,18 @@ test: setup
 lint: setup
 	$(PY) -m ruff check $(PROJECT) setup.py
 
+# The main job on the embedded data: pretrain InsLoc-FPN on scikit-image's photos, convert,
+# fine-tune Mask R-CNN R50-FPN on the generated demo_det set, evaluate, print the AP table.
+DEMO_OUT := output/demo
+DEMO_FINETUNE := SOLVER.MAX_ITER 60 SOLVER.STEPS "(45,)" SOLVER.WARMUP_ITERS 6 \
+	SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.02
+demo: setup
+	$(PY) $(PROJECT)/train_net.py --config-file demo/pretrain_insloc_fpn_cpu.yaml --resume \
+		OUTPUT_DIR $(DEMO_OUT)/pretrain_insloc_fpn
+	$(PY) $(PROJECT)/eval_transfer.py run $(DEMO_OUT)/pretrain_insloc_fpn/model_final.pth \
+		--benchmark demo_coco_fpn --trials 1 --output-dir $(DEMO_OUT)/transfer $(DEMO_FINETUNE)
+	@echo "Everything is under $(DEMO_OUT)/: pretraining run (curves.png), transfer/results.md"
+
 bench: setup
 	$(PY) $(PROJECT)/bench/bench_pretrain.py
 
