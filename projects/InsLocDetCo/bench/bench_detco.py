@@ -10,8 +10,13 @@ DetCo's cost relative to MoCo v2 at the same batch, view resolution, queue size 
 The MoCo v2 baseline is derived from the DetCo config itself (same batch, crop size, queue
 size, BN splits, data), with its res5 MLP as wide as DetCo's res5 global head (2048). Both
 step rates come from ``bench_pretrain.measure_step`` in this process; the ratio travels across
-machines, the img/s do not. Expected from pixel counts at the paper's sizes: the 9 patches of
-64 px add 9 * 64^2 / 224^2 = 0.73 of a global view to each of the two passes, so ~1.7x.
+machines, the img/s do not. On the CPU the default timer is process CPU time on one thread:
+wall time on a shared CPU swings several-fold, and spinning OpenMP threads bill CPU time.
+
+Expected from pixel counts at the paper's sizes: the 9 patches of 64 px add
+9 * 64^2 / 224^2 = 0.73 of a global view to each of the two passes, so ~1.7x. Measured (2-core
+CPU shared with other jobs, batch 4, 224 px + 9 x 64 px): DetCo / MoCo v2 = 1.81 (twice);
+at instant scale (64 px + 9 x 32 px, batch 8): 2.85, MLS only 1.02, GLC only 2.65.
 """
 import argparse
 import os
@@ -67,13 +72,15 @@ def main():
     print(
         f"config {args.config_file}: batch {cfg.SOLVER.IMS_PER_BATCH}, global {p.CROP_SIZE} px, "
         f"{p.JIGSAW.GRID}x{p.JIGSAW.GRID} patches of {p.JIGSAW.PATCH_SIZE} px, queue "
-        f"{cfg.MODEL.CONTRAST.QUEUE_SIZE}, device {args.device}, torch threads "
-        f"{torch.get_num_threads()}"
+        f"{cfg.MODEL.CONTRAST.QUEUE_SIZE}, device {args.device}"
     )
     # On a CPU shared with other jobs wall time swings several-fold; CPU time does not.
     clock_name = args.clock or ("cpu" if args.device == "cpu" else "wall")
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
-    print(f"step timer: {clock_name} time")
+    if clock_name == "cpu":
+        # Waiting OpenMP threads spin and would bill CPU time: count one thread's work only.
+        torch.set_num_threads(1)
+    print(f"step timer: {clock_name} time, torch threads {torch.get_num_threads()}")
     runs = [("MoCo v2 (same scale)", moco_v2_like(cfg))] + variants(cfg, args.ablations)
     # Round-robin repeats, best rate of each: on a shared machine, contention only ever slows
     # a measurement down, so the fastest of interleaved runs is the least disturbed one.
