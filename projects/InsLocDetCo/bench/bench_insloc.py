@@ -13,8 +13,9 @@ Reports
   * the compositor's throughput ("dataset" backgrounds: 3 decodes per sample; "batch"
     backgrounds: 1 decode, pasted in ``collate``) as a ratio to the plain MoCo v2 mapper,
     single process, decoding included.
-Ratios travel across machines, img/s do not. Measurements are interleaved and the best of
-``--repeats`` kept: on a shared machine contention only ever slows a run down.
+Ratios travel across machines, img/s do not. On the CPU the timer is process CPU time on one
+torch thread (wall time on a shared CPU swings several-fold); measurements are interleaved and
+the best of ``--repeats`` kept.
 """
 import argparse
 import itertools
@@ -49,9 +50,9 @@ def with_background(cfg, source: str):
     return out
 
 
-def measure_mapper(cfg, images: int = 48) -> float:
+def measure_mapper(cfg, images: int = 48, clock=time.perf_counter) -> float:
     """Mapper (and ``collate``, per batch of ``IMS_PER_BATCH``) in this process, on one torch
-    thread as in a loader worker: img/s."""
+    thread as in a loader worker: img per ``clock`` second."""
     dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
     mapper = build_pretrain_mapper(cfg, dicts)
     collate = getattr(mapper, "collate", lambda batch: batch)
@@ -65,10 +66,10 @@ def measure_mapper(cfg, images: int = 48) -> float:
     torch.set_num_threads(1)  # DataLoader workers run single-threaded
     try:
         one_batch()  # first-call costs (lazy imports, allocator) are not throughput
-        done, start = 0, time.perf_counter()
+        done, start = 0, clock()
         while done < images:
             done += one_batch()
-        return done / (time.perf_counter() - start)
+        return done / (clock() - start)
     finally:
         torch.set_num_threads(threads)
 
@@ -89,6 +90,10 @@ def main():
     parser.add_argument("--c4-config", default="instant_test/pretrain_insloc_c4.yaml")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default=None,
+        help="timer; default: cpu (process CPU time) on the CPU, wall on a GPU",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs, best kept")
     parser.add_argument("--images", type=int, default=48, help="images per mapper timing")
     parser.add_argument("--no-step", action="store_true", help="skip the training steps")
@@ -102,26 +107,34 @@ def main():
     print(
         f"batch {fpn.SOLVER.IMS_PER_BATCH}, {canvas} px canvases / MoCo v2 crops, queue "
         f"{fpn.MODEL.CONTRAST.QUEUE_SIZE}, data {', '.join(fpn.DATASETS.TRAIN)}, device "
-        f"{args.device}, torch threads {torch.get_num_threads()}"
+        f"{args.device}"
     )
+    clock_name = args.clock or ("cpu" if args.device == "cpu" else "wall")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    if clock_name == "cpu":
+        torch.set_num_threads(1)  # waiting OpenMP threads spin and would bill CPU time
+    unit = "img/s" if clock_name == "wall" else "img/CPU-s"
+    print(f"timer: {clock_name} time, torch threads {torch.get_num_threads()}")
     if not args.no_step:
         runs = [("MoCo v2 (same scale)", moco), ("InsLoc-FPN", fpn), ("InsLoc-C4", c4)]
-        rates = best_of(args.repeats, runs, lambda cfg: measure_step(cfg, args.iters))
+        rates = best_of(
+            args.repeats, runs, lambda cfg: measure_step(cfg, args.iters, clock=clock)
+        )
         base = rates[runs[0][0]]
         for name, rate in rates.items():
-            print(f"{name:22s} step {rate:8.2f} img/s   time ratio to MoCo v2 {base / rate:.3f}")
+            print(f"{name:22s} step {rate:8.2f} {unit}   time ratio to MoCo v2 {base / rate:.3f}")
     if not args.no_mapper:
         runs = [
             ("MoCo v2 mapper", moco),
             ("copy-paste, dataset bg", with_background(fpn, "dataset")),
             ("copy-paste, batch bg", with_background(fpn, "batch")),
         ]
-        rates = best_of(args.repeats, runs, lambda cfg: measure_mapper(cfg, args.images))
+        rates = best_of(
+            args.repeats, runs, lambda cfg: measure_mapper(cfg, args.images, clock=clock)
+        )
         base = rates[runs[0][0]]
         for name, rate in rates.items():
-            print(
-                f"{name:22s} {rate:8.2f} img/s   throughput ratio to MoCo v2 {rate / base:.3f}"
-            )
+            print(f"{name:22s} {rate:8.2f} {unit}   throughput ratio to MoCo v2 {rate / base:.3f}")
 
 
 if __name__ == "__main__":
