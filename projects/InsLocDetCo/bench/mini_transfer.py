@@ -40,11 +40,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning trials per method")
-    p.add_argument("--pretrain-iters", type=int, default=300)
+    p.add_argument("--pretrain-iters", type=int, default=200)
     p.add_argument("--pretrain-batch", type=int, default=16)
     p.add_argument("--pretrain-lr", type=float, default=0.03)
     p.add_argument("--queue-size", type=int, default=512)
-    p.add_argument("--finetune-iters", type=int, default=120)
+    p.add_argument("--finetune-iters", type=int, default=100)
     p.add_argument("--finetune-batch", type=int, default=4)
     p.add_argument("--finetune-lr", type=float, default=0.02)
     p.add_argument("--device", default="cpu")
@@ -143,7 +143,8 @@ def table(results: dict) -> str:
             if v is None:
                 cells.append("n/a")
             else:
-                cells.append(f"{v['mean']:.1f}" + ("" if v["std"] is None else f" ± {v['std']:.1f}"))
+                std = "" if v["std"] is None else f" ± {v['std']:.1f}"
+                cells.append(f"{v['mean']:.1f}{std}")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(r['trials'])} |")
     return "\n".join(lines)
 

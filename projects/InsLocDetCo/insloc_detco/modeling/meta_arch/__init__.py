@@ -1,5 +1,5 @@
 from .base import ContrastivePretrainer
-from .moco import MoCoV2
 from .detco import DetCo
 from .insloc_c4 import InsLocC4
 from .insloc_fpn import InsLocFPN
+from .moco import MoCoV2
