@@ -77,7 +77,7 @@ def pretraining_list(output_dir: str) -> str:
 
     files = [d["file_name"] for d in DatasetCatalog.get("demo_det_coco_train")]
     files += [d["file_name"] for d in DatasetCatalog.get("pretrain_demo")]
-    path = os.path.join(output_dir, "pretrain_images.txt")
+    path = os.path.abspath(os.path.join(output_dir, "pretrain_images.txt"))
     with open(path, "w") as f:
         f.write("\n".join(files) + "\n")
     return path
