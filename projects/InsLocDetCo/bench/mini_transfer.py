@@ -11,8 +11,9 @@ each; prints AP / AP50 / AP75 / APmask as mean +- std.
     python bench/mini_transfer.py --seeds 5 --pretrain-iters 2000 --pretrain-batch 64 \
         --finetune-iters 1000 --device cuda           # the same experiment, larger, on a GPU
 
-Pretraining images: the ``demo_det`` train images (labels unused) plus the 18 scikit-image
-photos; the ``demo_det`` val images are never seen before evaluation. Everything (runs,
+Pretraining images (512 by default): the ``demo_det`` train images (labels unused), more images
+generated like them with another seed, and the 18 scikit-image photos; the ``demo_det`` val
+images are never seen before evaluation. Everything (runs,
 checkpoints, results.json, mini_transfer.md) goes under ``--output-dir``; re-running skips
 finished pretraining runs and fine-tuning trials.
 """
@@ -43,7 +44,12 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-iters", type=int, default=200)
     p.add_argument("--pretrain-batch", type=int, default=16)
     p.add_argument("--pretrain-lr", type=float, default=0.03)
-    p.add_argument("--queue-size", type=int, default=512)
+    p.add_argument("--num-unlabeled", type=int, default=462,
+                   help="extra generated images in the pretraining pool (with the 32 demo_det "
+                   "train images and 18 photos: 512)")
+    p.add_argument("--queue-size", type=int, default=128,
+                   help="keep it well below the pool size: older keys of the same image in the "
+                   "queue are false negatives")
     p.add_argument("--finetune-iters", type=int, default=100)
     p.add_argument("--finetune-batch", type=int, default=4)
     p.add_argument("--finetune-lr", type=float, default=0.02)
@@ -69,13 +75,15 @@ def run(cmd, log_file: str):
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log_file}:\n{tail}")
 
 
-def pretraining_list(output_dir: str) -> str:
-    """Write the unlabeled image list: demo_det train images + the scikit-image photos."""
+def pretraining_list(output_dir: str, num_unlabeled: int) -> str:
+    """Write the unlabeled image list: demo_det train images, ``num_unlabeled`` more images
+    drawn like them (another seed), and the scikit-image photos."""
     from detectron2.data import DatasetCatalog
 
-    import insloc_detco  # noqa: F401  (registers demo_det and pretrain_demo)
+    from insloc_detco.transfer.demo_det import write_unlabeled_images
 
     files = [d["file_name"] for d in DatasetCatalog.get("demo_det_coco_train")]
+    files += write_unlabeled_images(os.path.join(output_dir, "unlabeled"), num_unlabeled)
     files += [d["file_name"] for d in DatasetCatalog.get("pretrain_demo")]
     path = os.path.abspath(os.path.join(output_dir, "pretrain_images.txt"))
     with open(path, "w") as f:
@@ -157,7 +165,7 @@ def main(argv=None):
         raise SystemExit(f"Unknown method(s) {unknown}; choose from {list(METHODS)}")
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
-    image_list = pretraining_list(args.output_dir)
+    image_list = pretraining_list(args.output_dir, args.num_unlabeled)
     log(f"{sum(1 for _ in open(image_list))} pretraining images; methods: {methods}", start)
     checkpoints = {m: "random" if METHODS[m] is None else pretrain(m, args, image_list, start)
                    for m in methods}

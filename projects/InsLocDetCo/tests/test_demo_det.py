@@ -185,3 +185,16 @@ def test_registered_subsets(demo_root):
     for pct in (1, 2, 5, 10):
         assert f"coco_2017_train_{pct}pct" in DatasetCatalog.list()
     assert MetadataCatalog.get("coco_2017_train_10pct").subset_fraction == 0.1
+
+
+def test_unlabeled_pool_is_seeded_readable_and_reused(tmp_path):
+    a = demo_det.write_unlabeled_images(str(tmp_path / "a"), 3, seed=7)
+    b = demo_det.write_unlabeled_images(str(tmp_path / "b"), 3, seed=7)
+    c = demo_det.write_unlabeled_images(str(tmp_path / "c"), 3, seed=8)
+    assert len(a) == 3 and all(os.path.isfile(p) for p in a)
+    read = lambda p: np.asarray(Image.open(p))  # noqa: E731
+    assert all(np.array_equal(read(x), read(y)) for x, y in zip(a, b))  # same seed, same pool
+    assert not np.array_equal(read(a[0]), read(c[0]))
+    mtime = os.path.getmtime(a[0])
+    assert demo_det.write_unlabeled_images(str(tmp_path / "a"), 3, seed=7) == a
+    assert os.path.getmtime(a[0]) == mtime  # reused, not rewritten

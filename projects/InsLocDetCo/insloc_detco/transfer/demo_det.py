@@ -39,6 +39,7 @@ __all__ = [
     "demo_det_root",
     "ensure_demo_det",
     "register_demo_det",
+    "write_unlabeled_images",
 ]
 
 DEMO_DET_CLASSES = ("circle", "square", "triangle")
@@ -170,8 +171,7 @@ def _palette_png(labels: np.ndarray) -> Image.Image:
     return png
 
 
-def _generate(root: str):
-    """Write the whole set under ``root`` (deterministic)."""
+def _load_photos() -> List[Image.Image]:
     photo_dir = skimage_data_dir()
     photos = [
         Image.fromarray(read_rgb_image(os.path.join(photo_dir, f)).permute(1, 2, 0).numpy())
@@ -180,6 +180,29 @@ def _generate(root: str):
     ]
     if len(photos) < 2:
         raise FileNotFoundError(f"demo_det needs scikit-image's sample photos in {photo_dir}.")
+    return photos
+
+
+def write_unlabeled_images(root: str, count: int, seed: int = 7) -> List[str]:
+    """
+    Write ``count`` more images drawn like demo_det's (another seed, no annotations) under
+    ``root``: an unlabeled pretraining pool from the task's domain, as COCO's unlabeled2017 is
+    for COCO. Returns their paths; existing files are reused.
+    """
+    os.makedirs(root, exist_ok=True)
+    paths = [os.path.join(root, f"unlabeled_{seed}_{i:06d}.jpg") for i in range(count)]
+    if all(os.path.isfile(p) for p in paths):
+        return paths
+    photos, rng = _load_photos(), np.random.default_rng(seed)
+    for path in paths:
+        image, _ = _make_image(photos, rng)
+        image.save(path, quality=95)
+    return paths
+
+
+def _generate(root: str):
+    """Write the whole set under ``root`` (deterministic)."""
+    photos = _load_photos()
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main", "SegmentationObject",
                 "SegmentationClass", "annotations"):  # fmt: skip
         os.makedirs(os.path.join(root, sub))
