@@ -83,7 +83,8 @@ def pretraining_list(output_dir: str, num_unlabeled: int) -> str:
     from insloc_detco.transfer.demo_det import write_unlabeled_images
 
     files = [d["file_name"] for d in DatasetCatalog.get("demo_det_coco_train")]
-    files += write_unlabeled_images(os.path.join(output_dir, "unlabeled"), num_unlabeled)
+    pool = os.path.abspath(os.path.join(output_dir, "unlabeled"))  # the list needs full paths
+    files += write_unlabeled_images(pool, num_unlabeled)
     files += [d["file_name"] for d in DatasetCatalog.get("pretrain_demo")]
     path = os.path.abspath(os.path.join(output_dir, "pretrain_images.txt"))
     with open(path, "w") as f:
