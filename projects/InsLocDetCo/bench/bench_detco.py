@@ -21,13 +21,12 @@ at instant scale (64 px + 9 x 32 px, batch 8): 2.85, MLS only 1.02, GLC only 2.6
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_pretrain import load_cfg, measure_loader, measure_step  # noqa: E402
+from bench_pretrain import load_cfg, measure_loader, measure_step, select_clock  # noqa: E402
 
 
 def moco_v2_like(cfg):
@@ -74,12 +73,7 @@ def main():
         f"{p.JIGSAW.GRID}x{p.JIGSAW.GRID} patches of {p.JIGSAW.PATCH_SIZE} px, queue "
         f"{cfg.MODEL.CONTRAST.QUEUE_SIZE}, device {args.device}"
     )
-    # On a CPU shared with other jobs wall time swings several-fold; CPU time does not.
-    clock_name = args.clock or ("cpu" if args.device == "cpu" else "wall")
-    clock = time.process_time if clock_name == "cpu" else time.perf_counter
-    if clock_name == "cpu":
-        # Waiting OpenMP threads spin and would bill CPU time: count one thread's work only.
-        torch.set_num_threads(1)
+    clock_name, clock = select_clock(args.clock, args.device)
     print(f"step timer: {clock_name} time, torch threads {torch.get_num_threads()}")
     runs = [("MoCo v2 (same scale)", moco_v2_like(cfg))] + variants(cfg, args.ablations)
     # Round-robin repeats, best rate of each: on a shared machine, contention only ever slows

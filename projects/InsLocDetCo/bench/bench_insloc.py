@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_pretrain import load_cfg, measure_step  # noqa: E402
+from bench_pretrain import load_cfg, measure_step, select_clock  # noqa: E402
 
 from insloc_detco.data import build_pretrain_mapper, get_pretrain_dataset_dicts  # noqa: E402
 
@@ -115,10 +115,7 @@ def main():
         f"{fpn.MODEL.CONTRAST.QUEUE_SIZE}, data {', '.join(fpn.DATASETS.TRAIN)}, device "
         f"{args.device}"
     )
-    clock_name = args.clock or ("cpu" if args.device == "cpu" else "wall")
-    clock = time.process_time if clock_name == "cpu" else time.perf_counter
-    if clock_name == "cpu":
-        torch.set_num_threads(1)  # waiting OpenMP threads spin and would bill CPU time
+    clock_name, clock = select_clock(args.clock, args.device)
     unit = "img/s" if clock_name == "wall" else "img/CPU-s"
     print(f"timer: {clock_name} time, torch threads {torch.get_num_threads()}")
     if not args.no_step:

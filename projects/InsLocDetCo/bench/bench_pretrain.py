@@ -84,6 +84,20 @@ def measure_step(cfg, iters: int = 5, warmup: int = 2, clock=time.perf_counter) 
     return len(batch) * iters / (clock() - start)
 
 
+def select_clock(name, device: str):
+    """
+    The step timer: "wall" (``perf_counter``) or "cpu" (``process_time`` on one torch thread;
+    on a CPU shared with other jobs wall time swings several-fold, CPU time does not, and
+    waiting OpenMP threads spin and would bill CPU time). ``name`` None: "cpu" on the CPU.
+    Returns (name, clock).
+    """
+    name = name or ("cpu" if device == "cpu" else "wall")
+    if name == "cpu":
+        torch.set_num_threads(1)
+        return name, time.process_time
+    return name, time.perf_counter
+
+
 def measure_backbone_step(cfg, iters: int = 5, warmup: int = 2) -> float:
     """Baseline: forward+backward of the backbone alone on one view per image: img/s."""
     model = build_backbone(cfg).to(cfg.MODEL.DEVICE).train()
