@@ -23,8 +23,7 @@ def get_pretrain_dataset_dicts(names):
     for name in names:
         ensure_registered(name)
         dicts.append(DatasetCatalog.get(name))
-    merged = [dict(d, image_id=i) for i, d in enumerate(itertools.chain.from_iterable(dicts))]
-    return merged
+    return [dict(d, image_id=i) for i, d in enumerate(itertools.chain.from_iterable(dicts))]
 
 
 class SkipCountingLoader:
@@ -42,9 +41,6 @@ class SkipCountingLoader:
             for d in batch:
                 self.num_skipped += d.pop("num_skipped", 0)
             yield batch
-
-    def __len__(self):
-        return len(self.loader)
 
 
 def build_pretrain_train_loader(cfg):

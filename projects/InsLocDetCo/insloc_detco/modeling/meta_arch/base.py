@@ -92,10 +92,11 @@ class ContrastivePretrainer(nn.Module):
     @torch.no_grad()
     def encode_keys(self, *inputs: torch.Tensor):
         """Run ``encoder_k`` on ``inputs`` (all (N, ...)) with shuffle-BN if enabled."""
-        splits = self.single_process_bn_splits if self.shuffle_bn else 1
         if not self.shuffle_bn:
             return self.encoder_k(*inputs)
-        return encode_with_shuffle_bn(self.encoder_k, *inputs, single_process_splits=splits)
+        return encode_with_shuffle_bn(
+            self.encoder_k, *inputs, single_process_splits=self.single_process_bn_splits
+        )
 
     def contrast(
         self, name: str, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor
