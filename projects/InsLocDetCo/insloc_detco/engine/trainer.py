@@ -6,11 +6,11 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 
+from ..checkpoint import SafeDetectionCheckpointer
 from ..data import build_pretrain_train_loader, get_pretrain_dataset_dicts
 from .hooks import PlotCurvesHook, SkippedImagesHook
 
@@ -48,7 +48,8 @@ class DeviceAgnosticTrainer(DefaultTrainer):
             model, data_loader, optimizer
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
+        # Never runs code from MODEL.WEIGHTS or a resumed checkpoint (detectron2 unpickles .pkl).
+        self.checkpointer = SafeDetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self.start_iter = 0

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import yaml
 
+from ..checkpoint import UnsafeWeightsError, load_weights_file
+
 __all__ = [
     "TARGETS",
     "KNOWN_META_ARCHITECTURES",
@@ -136,8 +138,10 @@ def load_pretrain_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
             "pretraining checkpoint to convert."
         )
     try:
-        # weights_only: a checkpoint is data; refuse to execute pickled code from it.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # A checkpoint is data: refuse to execute pickled code from it.
+        ckpt = load_weights_file(path)
+    except UnsafeWeightsError as e:
+        raise ConversionError(str(e)) from None
     except Exception as e:
         raise ConversionError(
             f"Cannot read '{path}' as a PyTorch checkpoint: {type(e).__name__}: {e}"
@@ -406,8 +410,9 @@ def save_model_zoo_pkl(conversion: Conversion, path: str, **extra):
 def load_model_zoo_pkl(path: str) -> Dict:
     """Read a model-zoo ``.pkl``; raises ConversionError if it is not one."""
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
+        data = load_weights_file(path)
+    except UnsafeWeightsError as e:
+        raise ConversionError(str(e)) from None
     except Exception as e:
         raise ConversionError(f"Cannot read '{path}' as a pickle: {type(e).__name__}: {e}") from e
     if not (isinstance(data, dict) and "model" in data and "__author__" in data):
