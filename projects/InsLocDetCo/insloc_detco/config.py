@@ -107,6 +107,11 @@ def add_insloc_detco_config(cfg):
     _C.INPUT.PRETRAIN.BLUR_PROB = 0.5
     _C.INPUT.PRETRAIN.BLUR_KERNEL_FRAC = 0.1
     _C.INPUT.PRETRAIN.FLIP_PROB = 0.5
+    # Where the photometric part of a view (colour jitter, grayscale, blur, flip, RandAugment)
+    # runs: "loader" (per view, in the loader workers), "device" (per batch, on the training
+    # device, in the model's preprocess), or "auto" (device when MODEL.DEVICE is CUDA, else
+    # loader). The same code runs in both places (data/augmentation.py).
+    _C.INPUT.PRETRAIN.AUGMENT_ON = "auto"
     # Images whose shorter side is below this many pixels are skipped (and counted).
     _C.INPUT.PRETRAIN.MIN_IMAGE_SIZE = 16
     # Decoded images are first resized so that the shorter side is at most this (0: never).
@@ -140,6 +145,23 @@ def add_insloc_detco_config(cfg):
     # RandAugment on the global views (the paper's "AA" variant); 0 ops disables it.
     _C.INPUT.PRETRAIN.RANDAUGMENT_OPS = 0
     _C.INPUT.PRETRAIN.RANDAUGMENT_MAGNITUDE = 9
+
+    # ---------------------------------------------------------------------------------------
+    # Speed on the training device.
+    # ---------------------------------------------------------------------------------------
+    # Keep the model and its input batches in NHWC ("channels last") memory format: tensor
+    # cores run convolutions without layout transposes, which is what makes AMP pay off.
+    _C.MODEL.CHANNELS_LAST = False
+    # Autocast dtype of SOLVER.AMP.ENABLED: "bfloat16", "float16", or "auto" (bfloat16 where
+    # the GPU supports it, else float16). bfloat16 needs no loss scaling (no GradScaler, whose
+    # overflow check synchronises the GPU every step).
+    _C.SOLVER.AMP.PRECISION = "auto"
+
+    # Intra-op threads (torch.set_num_threads) of each training process; 0 = auto: on CUDA, the
+    # machine's cores left over by the loader workers of all local processes (at least 1); on
+    # the CPU, the cores divided among the local processes. A user's OMP_NUM_THREADS is kept
+    # when this is 0. Loader workers always run one thread each (PyTorch's DataLoader rule).
+    _C.DATALOADER.MAIN_PROCESS_THREADS = 0
 
     # ---------------------------------------------------------------------------------------
     # Schedule.

@@ -2,11 +2,12 @@
 import pytest
 import torch
 from conftest import load_config
-from torchvision.transforms import v2
 
 from insloc_detco.data import build_pretrain_mapper, get_pretrain_dataset_dicts
+from insloc_detco.data.augmentation import PhotometricAugmentation
 from insloc_detco.data.build import build_pretrain_train_loader
-from insloc_detco.data.jigsaw import JigsawMapper, JigsawSampler
+from insloc_detco.data.jigsaw import JigsawMapper, JigsawSampler, cut_patches
+from insloc_detco.data.randaugment import BatchRandAugment
 
 
 def coordinate_image(size: int) -> torch.Tensor:
@@ -16,14 +17,14 @@ def coordinate_image(size: int) -> torch.Tensor:
     return torch.stack([rows, cols, torch.zeros_like(rows)])
 
 
-def sampler(**kwargs):
+def sampler(photometric=None, **kwargs):
     # No photometric change, so pixel values still tell where a patch came from.
-    return JigsawSampler(photometric=torch.nn.Identity(), **kwargs)
+    return JigsawSampler(photometric=photometric, **kwargs)
 
 
 def test_nine_64px_patches_from_distinct_cells_of_the_255_crop():
     # Whole-image crop of a 255 image, no flip: the 255 crop is the image itself.
-    jig = sampler(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0)
+    jig = sampler(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
     torch.manual_seed(0)
     out = jig.sample(coordinate_image(255))
     patches = out["patches"]
@@ -45,7 +46,7 @@ def test_nine_64px_patches_from_distinct_cells_of_the_255_crop():
 
 
 def test_patches_are_shuffled_and_offsets_random():
-    jig = sampler(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0)
+    jig = sampler(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
     torch.manual_seed(0)
     outs = [jig.sample(coordinate_image(255)) for _ in range(10)]
     orders = {tuple(o["cells"].tolist()) for o in outs}
@@ -56,7 +57,7 @@ def test_patches_are_shuffled_and_offsets_random():
 
 
 def test_crop_covers_at_least_60_percent_and_patches_come_from_it():
-    jig = sampler(crop_scale=(0.6, 1.0), flip_prob=0.0)
+    jig = sampler(crop_scale=(0.6, 1.0))
     torch.manual_seed(0)
     image = coordinate_image(250)  # coordinates still fit in uint8
     areas = []
@@ -72,15 +73,30 @@ def test_crop_covers_at_least_60_percent_and_patches_come_from_it():
 
 
 def test_flip_mirrors_the_crop_before_it_is_cut():
-    jig = sampler(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=1.0)
+    flip_only = PhotometricAugmentation(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
+                                        flip_prob=1.0)  # fmt: skip
+    jig = sampler(photometric=flip_only, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
     out = jig.sample(coordinate_image(255))
-    assert out["flipped"]
     for k, patch in enumerate(out["patches"].long()):
         cols = patch[1, 0]
         assert torch.all(cols[1:] - cols[:-1] == -1)  # columns run right to left
         # raster cell index is that of the flipped crop: its column 0 holds image column 254..
         col = out["cells"][k].item() % 3
         assert (254 - cols[0].item()) // 85 == col
+
+
+def test_batched_cut_equals_per_set_cut():
+    jig = sampler(crop_scale=(0.6, 1.0))
+    torch.manual_seed(0)
+    sets = [jig.sample(coordinate_image(250)) for _ in range(4)]
+    batched = cut_patches(
+        torch.stack([s["crop"] for s in sets]),
+        torch.stack([s["offsets"] for s in sets]),
+        torch.stack([s["cells"] for s in sets]),
+        grid=3,
+        patch_size=64,
+    )
+    assert torch.equal(batched, torch.stack([s["patches"] for s in sets]))
 
 
 def test_mapper_outputs_and_registry():
@@ -95,32 +111,38 @@ def test_mapper_outputs_and_registry():
     assert out["patches_q"].shape == out["patches_k"].shape == (9, 3, p, p)
     assert all(out[k].dtype == torch.uint8 for k in ("view_q", "view_k", "patches_q", "patches_k"))
     assert not torch.equal(out["patches_q"], out["patches_k"])  # two independent samples
-    # The local view gets the global photometric augmentation (same parameters).
-    photometric = [type(t).__name__ for t in _flatten(mapper.jigsaw.photometric)]
-    assert {"ColorJitter", "RandomGrayscale", "GaussianBlur"} <= set(photometric)
-
-
-def _flatten(t):
-    """All transforms inside ``t``, recursing into Compose / RandomApply."""
-    inner = getattr(t, "transforms", None)
-    if inner is None:
-        return [t]
-    return [t] + [x for s in inner for x in _flatten(s)]
+    # The local view gets the global photometric augmentation (same parameters, no RandAugment).
+    local, global_ = mapper.jigsaw.photometric, mapper.photometric
+    assert all(isinstance(a, PhotometricAugmentation) for a in (local, global_))
+    assert torch.equal(local.jitter_range, global_.jitter_range)
+    for attr in ("color_jitter_prob", "grayscale_prob", "blur_prob", "blur_sigma", "flip_prob"):
+        assert getattr(local, attr) == getattr(global_, attr)
 
 
 @pytest.mark.parametrize("ops", [0, 2])
 def test_randaugment_option_acts_on_global_views_only(ops):
     cfg = load_config("instant_test/pretrain_detco.yaml", "INPUT.PRETRAIN.RANDAUGMENT_OPS", ops)
     mapper = JigsawMapper(cfg, None)
-    global_ops = [t for t in _flatten(mapper.augmentation) if isinstance(t, v2.RandAugment)]
-    local_ops = [t for t in _flatten(mapper.jigsaw.photometric) if isinstance(t, v2.RandAugment)]
-    assert len(global_ops) == (1 if ops else 0) and not local_ops
+    assert mapper.jigsaw.photometric.randaugment is None
+    randaugment = mapper.photometric.randaugment
+    assert isinstance(randaugment, BatchRandAugment) == bool(ops)
     if ops:
-        assert global_ops[0].num_ops == ops and global_ops[0].magnitude == 9
+        assert randaugment.num_ops == ops and randaugment.magnitude == 9
         # it runs on uint8 tensors after the crop: shape and dtype of the view are kept
         torch.manual_seed(0)
-        view = mapper.augmentation(torch.randint(0, 256, (3, 100, 120), dtype=torch.uint8))
+        view = mapper.view(torch.randint(0, 256, (3, 100, 120), dtype=torch.uint8))
         assert view.shape == (3, 64, 64) and view.dtype == torch.uint8
+
+
+def test_device_placement_sends_uncut_crops():
+    cfg = load_config("instant_test/pretrain_detco.yaml", "INPUT.PRETRAIN.AUGMENT_ON", "device")
+    dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
+    mapper = build_pretrain_mapper(cfg, dicts)
+    assert mapper.photometric is None and mapper.jigsaw.photometric is None
+    out = mapper(dicts[0])
+    side = 3 * cfg.INPUT.PRETRAIN.JIGSAW.CELL_SIZE
+    assert "patches_q" not in out and out["jigsaw_q"].shape == (3, side, side)
+    assert out["cells_k"].shape == (9,) and out["offsets_k"].shape == (9, 2)
 
 
 def test_loader_batches_carry_patch_sets():

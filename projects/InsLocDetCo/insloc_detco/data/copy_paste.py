@@ -4,8 +4,9 @@ Per view: a crop of the instance image I (area (0.2, 1), aspect log-uniform in (
 rescaled, keeping its aspect, to fit a random (w, h) with w, h in [128, 255), and pasted fully
 inside a background B resized to the 256 x 256 canvas at a uniform random position. The box of
 the pasted rectangle, (x1, y1, x2, y2) in canvas pixels, is the view's only box. The MoCo v2
-photometric augmentation and a horizontal flip (which flips the box too) follow. The two views
-use independent crops and different backgrounds.
+photometric augmentation and a horizontal flip (which flips the box too) follow, here or on the
+training device (``INPUT.PRETRAIN.AUGMENT_ON``, see :mod:`.augmentation`). The two views use
+independent crops and different backgrounds.
 
 Backgrounds come from one of two sources (``INPUT.PRETRAIN.COPY_PASTE.BACKGROUND``):
 
@@ -22,11 +23,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from detectron2.config import configurable
 from detectron2.data.common import DatasetFromList
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .augmentation import build_photometric_augmentation, photometric_args_from_config
+from .augmentation import PhotometricAugmentation, build_view_crop, photometric_on_device
 from .mapper import PRETRAIN_MAPPER_REGISTRY, PretrainDatasetMapper
 
 __all__ = ["sample_foreground", "paste", "CopyPasteMapper"]
@@ -105,8 +105,7 @@ class CopyPasteMapper(PretrainDatasetMapper):
         paste_size: Sequence[int],
         background: str,
         copy_paste: bool,
-        photometric: v2.Transform,
-        flip_prob: float,
+        photometric: Optional[PhotometricAugmentation],
         view_crop: Optional[v2.Transform] = None,
         background_files: Optional[DatasetFromList] = None,
         **kwargs,
@@ -118,8 +117,8 @@ class CopyPasteMapper(PretrainDatasetMapper):
             paste_size: [lo, hi) range of the random (w, h) the crop is fitted into.
             background: "dataset" or "batch" (see the module docstring).
             copy_paste: compose views on backgrounds; False: plain crops, box = whole view.
-            photometric: colour augmentation applied to each composite.
-            flip_prob: probability of the horizontal flip (box flipped with the image).
+            photometric: colour augmentation and box-aware flip of each composite, here in the
+                loader; None when the model applies it on the training device.
             view_crop: the RandomResizedCrop of the plain views (``copy_paste=False``).
             background_files: file names to draw "dataset" backgrounds from.
             kwargs: see :class:`PretrainDatasetMapper`.
@@ -136,14 +135,14 @@ class CopyPasteMapper(PretrainDatasetMapper):
         self.paste_size = tuple(paste_size)
         self.background = background
         self.copy_paste = copy_paste
-        self.augmentation = v2.Compose([photometric, v2.RandomHorizontalFlip(p=flip_prob)])
+        self.photometric = photometric
         self.view_crop = view_crop
         self.background_files = background_files
 
     @classmethod
     def from_config(cls, cfg, dataset_dicts: Optional[List[Dict]] = None):
         ret = super().from_config(cfg, dataset_dicts)
-        p, cp = cfg.INPUT.PRETRAIN, cfg.INPUT.PRETRAIN.COPY_PASTE
+        cp = cfg.INPUT.PRETRAIN.COPY_PASTE
         ret.update(
             canvas_size=cp.CANVAS_SIZE,
             crop_scale=cp.CROP_SCALE,
@@ -151,13 +150,8 @@ class CopyPasteMapper(PretrainDatasetMapper):
             paste_size=cp.PASTE_SIZE,
             background=cp.BACKGROUND,
             copy_paste=cfg.MODEL.INSLOC.COPY_PASTE,
-            photometric=build_photometric_augmentation(
-                **photometric_args_from_config(cfg, cp.CANVAS_SIZE)
-            ),
-            flip_prob=p.FLIP_PROB,
-            view_crop=v2.RandomResizedCrop(
-                cp.CANVAS_SIZE, scale=tuple(p.CROP_SCALE), ratio=tuple(p.CROP_RATIO), antialias=True
-            ),
+            photometric=None if photometric_on_device(cfg) else PhotometricAugmentation(cfg),
+            view_crop=build_view_crop(cfg, cp.CANVAS_SIZE),
         )
         if dataset_dicts and cp.BACKGROUND == "dataset":
             # Serialised like detectron2's own record list, so that loader workers do not copy
@@ -236,15 +230,13 @@ class CopyPasteMapper(PretrainDatasetMapper):
         self, canvas: torch.Tensor, box: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
-        Photometric augmentation and a box-aware horizontal flip.
+        Photometric augmentation and a box-aware horizontal flip, unless the model applies them.
 
         Args:
             canvas: (3, S, S) uint8; box: (4,) XYXY.
         Returns:
             view (3, S, S) uint8 and box (4,) float32, flipped together.
         """
-        boxes = tv_tensors.BoundingBoxes(
-            box[None], format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=canvas.shape[-2:]
-        )
-        view, boxes = self.augmentation(canvas, boxes)
-        return view, boxes.as_subclass(torch.Tensor)[0].float() + 0.0  # no -0.0 after a flip
+        if self.photometric is None:
+            return canvas, box.float()
+        return self.photometric.augment_one(canvas, box)

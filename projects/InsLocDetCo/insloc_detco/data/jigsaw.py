@@ -4,18 +4,49 @@ DetCo Sec. 3.4 (following PIRL, Misra & van der Maaten 2020): crop a random regi
 least 60% of the image, resize it to 255x255, apply the global views' flip, colour jitter and
 blur, cut it into a 3x3 grid of 85x85 cells, take a random 64x64 crop inside every cell (so
 that neighbouring patches do not share a border) and shuffle the 9 patches.
+
+The geometric part (:meth:`JigsawSampler.crop`: the 255 px crop, the patch offsets and the
+shuffle) runs in the loader; the photometric part runs on the whole crop, in the loader or on
+the training device (``INPUT.PRETRAIN.AUGMENT_ON``), before :func:`cut_patches`, so the nine
+patches of a set always share one draw of the photometric parameters.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from .augmentation import build_photometric_augmentation, photometric_args_from_config
+from .augmentation import PhotometricAugmentation, photometric_on_device
 from .mapper import PRETRAIN_MAPPER_REGISTRY, MoCoV2Mapper
 
-__all__ = ["JigsawSampler", "JigsawMapper"]
+__all__ = ["JigsawSampler", "JigsawMapper", "cut_patches"]
+
+
+def cut_patches(
+    crops: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor, grid: int, patch_size: int
+) -> torch.Tensor:
+    """
+    Cut each square crop into ``grid x grid`` cells and take one window per cell.
+
+    Args:
+        crops: (N, C, S, S), S = grid * cell size.
+        offsets: (N, G*G, 2) (y, x) of the window inside its cell, per output patch.
+        order: (N, G*G) raster index (row * G + col) of the cell each output patch comes from.
+        grid: G; patch_size: P.
+    Returns:
+        (N, G*G, C, P, P) patches, in ``order``.
+    """
+    n, c, s, _ = crops.shape
+    cell = s // grid
+    span = torch.arange(patch_size, device=crops.device)
+    top = (order // grid) * cell + offsets[..., 0]  # (N, G*G) absolute window corners
+    left = (order % grid) * cell + offsets[..., 1]
+    rows = (top[..., None] + span)[:, :, None, :, None]  # (N, G*G, 1, P, 1)
+    cols = (left[..., None] + span)[:, :, None, None, :]  # (N, G*G, 1, 1, P)
+    batch = torch.arange(n, device=crops.device)[:, None, None, None, None]
+    channel = torch.arange(c, device=crops.device)[None, None, :, None, None]
+    return crops[batch, channel, rows, cols]
 
 
 class JigsawSampler:
@@ -27,24 +58,23 @@ class JigsawSampler:
     def __init__(
         self,
         *,
-        photometric,
+        photometric: Optional[PhotometricAugmentation],
         grid: int = 3,
         cell_size: int = 85,
         patch_size: int = 64,
         crop_scale: Tuple[float, float] = (0.6, 1.0),
         crop_ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
-        flip_prob: float = 0.5,
     ):
         """
         Args:
-            photometric: callable on a (3, S, S) uint8 tensor, S = grid * cell_size: the
-                global views' colour jitter / grayscale / blur (same parameters, drawn anew).
+            photometric: the global views' colour jitter / grayscale / blur / flip (same
+                parameters, drawn anew per crop), applied to the whole G * cell_size crop here
+                in the loader; None when it runs on the training device instead.
             grid: G, cells per side.
             cell_size: side of a cell; the crop is resized to G * cell_size (DetCo: 255).
             patch_size: P, side of the random crop inside each cell (DetCo: 64).
             crop_scale: area fraction range of the random crop (DetCo: at least 60%).
             crop_ratio: aspect (w/h) range of the random crop, log-uniform.
-            flip_prob: probability of a horizontal flip of the crop.
         """
         assert patch_size <= cell_size, f"patch {patch_size} does not fit in cell {cell_size}"
         self.photometric = photometric
@@ -53,15 +83,14 @@ class JigsawSampler:
         self.patch_size = patch_size
         self.crop_scale = list(crop_scale)
         self.crop_ratio = list(crop_ratio)
-        self.flip_prob = flip_prob
 
     @classmethod
     def from_config(cls, cfg):
         j = cfg.INPUT.PRETRAIN.JIGSAW
-        # Photometric parameters of the global views; the blur kernel scales with the crop side.
-        photometric = photometric_args_from_config(cfg, j.GRID * j.CELL_SIZE)
         return {
-            "photometric": build_photometric_augmentation(**photometric),
+            # The global views' photometric family (without RandAugment, which DetCo's "AA"
+            # applies to the global views only).
+            "photometric": None if photometric_on_device(cfg) else PhotometricAugmentation(cfg),
             "grid": j.GRID,
             "cell_size": j.CELL_SIZE,
             "patch_size": j.PATCH_SIZE,
@@ -69,50 +98,49 @@ class JigsawSampler:
             # Choice: the paper gives no aspect range; PIRL-style RandomResizedCrop, the global
             # views' range (3/4, 4/3).
             "crop_ratio": tuple(cfg.INPUT.PRETRAIN.CROP_RATIO),
-            "flip_prob": cfg.INPUT.PRETRAIN.FLIP_PROB,
         }
 
     @property
     def num_patches(self) -> int:
         return self.grid * self.grid
 
-    def sample(self, image: torch.Tensor) -> Dict:
+    def crop(self, image: torch.Tensor) -> Dict:
         """
+        The geometric part, drawn per image.
+
         Args:
             image: (3, H, W) uint8.
         Returns:
             dict with
-              "patches": (G*G, 3, P, P) uint8, shuffled;
-              "cells": (G*G,) raster index (row * G + col) of the cell each patch comes from;
+              "crop": (3, S, S) uint8, S = G * cell_size, not yet photometrically augmented;
+              "cells": (G*G,) raster index (row * G + col) of the cell each patch comes from,
+              a random order (the shuffle);
               "offsets": (G*G, 2) (y, x) of each patch inside its cell;
-              "crop_box": (top, left, height, width) of the crop in ``image``;
-              "flipped": whether the crop was flipped (before it was cut into cells).
+              "crop_box": (top, left, height, width) of the crop in ``image``.
         """
         side = self.grid * self.cell_size
         box = RandomResizedCrop.get_params(image, self.crop_scale, self.crop_ratio)
         crop = TF.resized_crop(image, *box, size=[side, side], antialias=True)
-        crop = self.photometric(crop)
-        flipped = bool(torch.rand(()) < self.flip_prob)
-        if flipped:
-            crop = crop.flip(-1)
-        # (3, S, S) -> (G*G, 3, cell, cell) in raster order.
-        g, c = self.grid, self.cell_size
-        cells = crop.reshape(3, g, c, g, c).permute(1, 3, 0, 2, 4).reshape(g * g, 3, c, c)
-        # One random P x P window per cell, gathered in a single indexing operation.
-        offsets = torch.randint(0, c - self.patch_size + 1, (g * g, 2))
-        span = torch.arange(self.patch_size)
-        rows = (offsets[:, 0, None] + span)[:, None, :, None]  # (G*G, 1, P, 1)
-        cols = (offsets[:, 1, None] + span)[:, None, None, :]  # (G*G, 1, 1, P)
-        index = torch.arange(g * g)[:, None, None, None]
-        patches = cells[index, torch.arange(3)[None, :, None, None], rows, cols]
-        order = torch.randperm(g * g)
-        return {
-            "patches": patches[order].contiguous(),
-            "cells": order,
-            "offsets": offsets[order],
-            "crop_box": box,
-            "flipped": flipped,
-        }
+        g = self.grid
+        offsets = torch.randint(0, self.cell_size - self.patch_size + 1, (g * g, 2))
+        return {"crop": crop, "cells": torch.randperm(g * g), "offsets": offsets, "crop_box": box}
+
+    def cut(self, crops: torch.Tensor, cells: torch.Tensor, offsets: torch.Tensor):
+        """Batched :func:`cut_patches` with this sampler's grid: (N, G*G, 3, P, P)."""
+        return cut_patches(crops, offsets, cells, self.grid, self.patch_size)
+
+    def sample(self, image: torch.Tensor) -> Dict:
+        """
+        Loader placement: crop, photometric augmentation, cut.
+
+        Returns:
+            :meth:`crop`'s dict with "crop" augmented and "patches": (G*G, 3, P, P) uint8.
+        """
+        out = self.crop(image)
+        if self.photometric is not None:
+            out["crop"], _ = self.photometric.augment_one(out["crop"])
+        out["patches"] = self.cut(out["crop"][None], out["cells"][None], out["offsets"][None])[0]
+        return out
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 -> (G*G, 3, P, P) uint8 shuffled patches."""
@@ -125,7 +153,9 @@ class JigsawMapper(MoCoV2Mapper):
     DetCo's inputs: the two MoCo v2 global views ``view_q``, ``view_k`` (3, S, S) and two
     independently sampled jigsaw patch sets ``patches_q``, ``patches_k`` (G*G, 3, P, P), all
     uint8 RGB. RandAugment (``INPUT.PRETRAIN.RANDAUGMENT_OPS``) affects the global views only,
-    as in the paper's "AA" variant.
+    as in the paper's "AA" variant. With the photometric augmentation on the training device,
+    the patch sets are sent uncut: ``jigsaw_q/k`` (3, G*cell, G*cell) crops with their
+    ``cells_q/k`` (G*G,) and ``offsets_q/k`` (G*G, 2), and the model cuts them (``DetCo``).
     """
 
     @configurable
@@ -146,7 +176,12 @@ class JigsawMapper(MoCoV2Mapper):
 
     def make_views(self, image, dataset_dict):
         views = super().make_views(image, dataset_dict)
-        views["patches_q"] = self.jigsaw(image)
-        views["patches_k"] = self.jigsaw(image)
+        for side in ("q", "k"):
+            if self.jigsaw.photometric is not None:
+                views[f"patches_{side}"] = self.jigsaw(image)
+            else:  # cut on the training device after the photometric augmentation
+                local = self.jigsaw.crop(image)
+                views[f"jigsaw_{side}"] = local["crop"]
+                views[f"cells_{side}"] = local["cells"]
+                views[f"offsets_{side}"] = local["offsets"]
         return views
-

@@ -13,7 +13,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
-from .augmentation import build_moco_v2_augmentation
+from .augmentation import PhotometricAugmentation, build_view_crop, photometric_on_device
 from .reading import UnreadableImageError, read_rgb_image
 
 __all__ = [
@@ -106,21 +106,41 @@ class PretrainDatasetMapper:
 
 @PRETRAIN_MAPPER_REGISTRY.register()
 class MoCoV2Mapper(PretrainDatasetMapper):
-    """Two independently augmented views, ``view_q`` and ``view_k``: (3, S, S) uint8 each."""
+    """
+    Two independently augmented views, ``view_q`` and ``view_k``: (3, S, S) uint8 each. The
+    crop always happens here; the photometric part too unless it runs on the training device
+    (``INPUT.PRETRAIN.AUGMENT_ON``, see :mod:`.augmentation`).
+    """
 
     @configurable
-    def __init__(self, *, augmentation, **kwargs):
+    def __init__(self, *, crop, photometric: Optional[PhotometricAugmentation], **kwargs):
+        """
+        Args:
+            crop: (3, H, W) uint8 -> (3, S, S) uint8 RandomResizedCrop.
+            photometric: applied to each view here; None when the model applies it.
+            kwargs: see :class:`PretrainDatasetMapper`.
+        """
         super().__init__(**kwargs)
-        self.augmentation = augmentation
+        self.crop = crop
+        self.photometric = photometric
 
     @classmethod
     def from_config(cls, cfg, dataset_dicts=None):
         ret = super().from_config(cfg, dataset_dicts)
-        ret["augmentation"] = build_moco_v2_augmentation(cfg)
+        ret["crop"] = build_view_crop(cfg)
+        ret["photometric"] = (
+            None if photometric_on_device(cfg) else PhotometricAugmentation(cfg, randaugment=True)
+        )
         return ret
 
+    def view(self, image: torch.Tensor) -> torch.Tensor:
+        view = self.crop(image)
+        if self.photometric is not None:
+            view, _ = self.photometric.augment_one(view)
+        return view
+
     def make_views(self, image, dataset_dict):
-        return {"view_q": self.augmentation(image), "view_k": self.augmentation(image)}
+        return {"view_q": self.view(image), "view_k": self.view(image)}
 
 
 def build_pretrain_mapper(cfg, dataset_dicts: Optional[List[Dict]] = None):

@@ -13,6 +13,7 @@ from detectron2.utils import comm
 from ..checkpoint import SafeDetectionCheckpointer
 from ..data import build_pretrain_train_loader, get_pretrain_dataset_dicts
 from .hooks import PlotCurvesHook, SkippedImagesHook
+from .threads import configure_threads
 
 __all__ = [
     "DeviceAgnosticTrainer",
@@ -40,13 +41,12 @@ class DeviceAgnosticTrainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
             raise ValueError("SOLVER.AMP.ENABLED needs MODEL.DEVICE cuda; disable AMP on CPU.")
+        configure_threads(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model_any_device(model, broadcast_buffers=False)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # Never runs code from MODEL.WEIGHTS or a resumed checkpoint (detectron2 unpickles .pkl).
         self.checkpointer = SafeDetectionCheckpointer(
@@ -67,6 +67,13 @@ class PretrainTrainer(DeviceAgnosticTrainer):
     """
 
     @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        if cfg.MODEL.CHANNELS_LAST:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    @classmethod
     def build_train_loader(cls, cfg):
         return build_pretrain_train_loader(cfg)
 
@@ -84,6 +91,30 @@ class PretrainTrainer(DeviceAgnosticTrainer):
             if cfg.SOLVER.PLOT_CURVES:
                 ret.append(PlotCurvesHook(cfg.OUTPUT_DIR, cfg.SOLVER.CHECKPOINT_PERIOD))
         return ret
+
+
+def amp_dtype(cfg) -> torch.dtype:
+    """The autocast dtype of ``SOLVER.AMP.PRECISION`` (float16 for configs without the key)."""
+    name = cfg.SOLVER.AMP.get("PRECISION", "float16")
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in ("bfloat16", "float16"):
+        raise ValueError(f"SOLVER.AMP.PRECISION must be auto, bfloat16 or float16, not {name}")
+    return getattr(torch, name)
+
+
+def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+    """
+    detectron2's ``SimpleTrainer``, or its ``AMPTrainer`` with ``SOLVER.AMP.ENABLED``. In
+    bfloat16 the loss needs no scaling: the GradScaler is disabled, which also removes its
+    per-step overflow check (a GPU synchronisation).
+    """
+    if not cfg.SOLVER.AMP.ENABLED:
+        return SimpleTrainer(model, data_loader, optimizer)
+    dtype = amp_dtype(cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    logger.info(f"AMP: autocast to {dtype}, loss scaling {'on' if scaler.is_enabled() else 'off'}.")
+    return AMPTrainer(model, data_loader, optimizer, grad_scaler=scaler, precision=dtype)
 
 
 def create_ddp_model_any_device(model, **kwargs):

@@ -1,18 +1,25 @@
 """What every contrastive pretraining meta-architecture shares."""
 import copy
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ...data.augmentation import PhotometricAugmentation, photometric_on_device
 from ..contrastive import contrastive_accuracy, encode_with_shuffle_bn, info_nce, momentum_update
 
 __all__ = ["ContrastivePretrainer", "contrastive_args_from_config"]
 
 
-def contrastive_args_from_config(cfg) -> Dict:
+def contrastive_args_from_config(cfg, randaugment: bool = True) -> Dict:
+    """
+    Args:
+        randaugment: whether the views' photometric augmentation includes RandAugment when
+            ``INPUT.PRETRAIN.RANDAUGMENT_OPS`` > 0 (DetCo "AA" global views; not InsLoc).
+    """
     c = cfg.MODEL.CONTRAST
+    on_device = photometric_on_device(cfg)
     return {
         "dim": c.DIM,
         "queue_size": c.QUEUE_SIZE,
@@ -22,6 +29,10 @@ def contrastive_args_from_config(cfg) -> Dict:
         "single_process_bn_splits": c.SINGLE_PROCESS_BN_SPLITS,
         "pixel_mean": cfg.MODEL.PIXEL_MEAN,
         "pixel_std": cfg.MODEL.PIXEL_STD,
+        "augmentation": (
+            PhotometricAugmentation(cfg, randaugment=randaugment) if on_device else None
+        ),
+        "channels_last": cfg.MODEL.CHANNELS_LAST,
     }
 
 
@@ -44,6 +55,8 @@ class ContrastivePretrainer(nn.Module):
         single_process_bn_splits: int,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
+        augmentation: Optional[PhotometricAugmentation] = None,
+        channels_last: bool = False,
     ):
         """
         Args:
@@ -54,6 +67,10 @@ class ContrastivePretrainer(nn.Module):
             shuffle_bn: encode keys with shuffle-BN (see ``encode_with_shuffle_bn``).
             single_process_bn_splits: chunks of the split-batch emulation on one process.
             pixel_mean, pixel_std: per-channel normalisation of the RGB 0-255 input.
+            augmentation: the views' photometric augmentation, applied to each training batch
+                on the model's device in :meth:`preprocess` (None: the loader applied it).
+            channels_last: give the encoders NHWC batches (the model itself is converted by
+                the trainer).
         """
         super().__init__()
         self.dim = dim
@@ -64,6 +81,8 @@ class ContrastivePretrainer(nn.Module):
         self.single_process_bn_splits = single_process_bn_splits
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.augmentation = augmentation
+        self.channels_last = channels_last
 
     @property
     def device(self) -> torch.device:
@@ -78,12 +97,40 @@ class ContrastivePretrainer(nn.Module):
     def preprocess(self, images: List[torch.Tensor]) -> torch.Tensor:
         """
         Args:
-            images: list of (3, H, W) uint8 RGB tensors of one size.
+            images: list of (3, H, W) uint8 RGB views of one size.
         Returns:
-            (N, 3, H, W) float tensor on the model's device, normalised by mean/std.
+            (N, 3, H, W) float tensor on the model's device, photometrically augmented there in
+            training if ``augmentation`` is set, normalised by mean/std.
         """
-        x = torch.stack(images).to(self.device, non_blocking=True).float()
-        return (x - self.pixel_mean) / self.pixel_std
+        return self.preprocess_with_boxes(images, None)[0]
+
+    def preprocess_with_boxes(
+        self,
+        images: List[torch.Tensor],
+        boxes: Optional[torch.Tensor],
+        augmentation: Optional[PhotometricAugmentation] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """
+        :meth:`preprocess` for views with one (4,) XYXY box each (``boxes`` (N, 4) on the
+        model's device, or None), flipped with their view. ``augmentation`` replaces the
+        model's own (e.g. DetCo's local crops).
+        """
+        x = self.stack(images)
+        augmentation = augmentation or self.augmentation
+        if self.training and augmentation is not None:
+            x, boxes = augmentation(x, boxes)
+        return self.normalize(x), boxes
+
+    def stack(self, tensors: List[torch.Tensor]) -> torch.Tensor:
+        """Batch same-shaped tensors on the model's device (asynchronous host-to-device copy)."""
+        return torch.stack(tensors).to(self.device, non_blocking=True)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., 3, H, W) RGB 0-255 on the device -> normalised float (NHWC if configured)."""
+        x = (x.float() - self.pixel_mean) / self.pixel_std
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     @torch.no_grad()
     def momentum_update(self):

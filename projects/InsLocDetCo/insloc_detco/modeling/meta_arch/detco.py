@@ -24,6 +24,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from torch import nn
 
+from ...data.augmentation import PhotometricAugmentation
+from ...data.jigsaw import cut_patches
 from ..contrastive import ContrastiveQueue
 from ..heads import GlobalEmbeddingHead, ProjectionMLP
 from .base import ContrastivePretrainer, contrastive_args_from_config
@@ -112,6 +114,9 @@ class DetCo(ContrastivePretrainer):
         num_patches: int = 9,
         global_hidden_mult: int = 1,
         local_hidden_mult: int = 1,
+        jigsaw_grid: int = 3,
+        patch_size: int = 64,
+        local_augmentation: Optional[PhotometricAugmentation] = None,
         **kwargs,
     ):
         """
@@ -125,6 +130,9 @@ class DetCo(ContrastivePretrainer):
             num_patches: G*G, patches per local view.
             global_hidden_mult, local_hidden_mult: hidden width of the global / local MLP as
                 a multiple of the stage's channels C_i.
+            jigsaw_grid, patch_size: G and P, to cut patch sets that arrive as uncut crops.
+            local_augmentation: the photometric augmentation of the jigsaw crops on the
+                device (the global views' family without RandAugment); None: done in the loader.
             kwargs: see :class:`ContrastivePretrainer`.
         """
         super().__init__(**kwargs)
@@ -134,6 +142,9 @@ class DetCo(ContrastivePretrainer):
         self.stage_loss_weights = dict(zip(self.in_features, stage_loss_weights))
         self.term_weights = dict(zip([t[0] for t in TERMS], term_weights))
         self.global_local = global_local
+        self.jigsaw_grid = jigsaw_grid
+        self.patch_size = patch_size
+        self.local_augmentation = local_augmentation
         channels = {f: backbone.output_shape()[f].channels for f in self.in_features}
         global_heads = nn.ModuleDict(
             {
@@ -172,6 +183,7 @@ class DetCo(ContrastivePretrainer):
         if not d.MULTI_LEVEL:  # ablation "GLC only": MoCo's single, deepest level
             in_features, weights = in_features[-1:], weights[-1:]
         j = cfg.INPUT.PRETRAIN.JIGSAW
+        args = contrastive_args_from_config(cfg)
         return {
             "backbone": backbone,
             "in_features": in_features,
@@ -181,7 +193,10 @@ class DetCo(ContrastivePretrainer):
             "num_patches": j.GRID * j.GRID,
             "global_hidden_mult": d.GLOBAL_HIDDEN_MULT,
             "local_hidden_mult": d.LOCAL_HIDDEN_MULT,
-            **contrastive_args_from_config(cfg),
+            "jigsaw_grid": j.GRID,
+            "patch_size": j.PATCH_SIZE,
+            **args,
+            "local_augmentation": PhotometricAugmentation(cfg) if args["augmentation"] else None,
         }
 
     def forward(self, batched_inputs: List[Dict]):
@@ -214,9 +229,26 @@ class DetCo(ContrastivePretrainer):
         q_inputs = [self.preprocess([x["view_q"] for x in batched_inputs])]
         k_inputs = [self.preprocess([x["view_k"] for x in batched_inputs])]
         if self.global_local:
-            q_inputs.append(self.preprocess([x["patches_q"] for x in batched_inputs]))
-            k_inputs.append(self.preprocess([x["patches_k"] for x in batched_inputs]))
+            q_inputs.append(self.preprocess_patches(batched_inputs, "q"))
+            k_inputs.append(self.preprocess_patches(batched_inputs, "k"))
         return q_inputs, k_inputs
+
+    def preprocess_patches(self, batched_inputs: List[Dict], side: str) -> torch.Tensor:
+        """
+        Returns:
+            (N, G*G, 3, P, P) normalised patch sets on the model's device: ``patches_<side>``
+            cut in the loader, or ``jigsaw_<side>`` crops augmented here and cut with their
+            ``cells_<side>`` / ``offsets_<side>``.
+        """
+        if f"patches_{side}" in batched_inputs[0]:
+            return self.normalize(self.stack([x[f"patches_{side}"] for x in batched_inputs]))
+        crops, _ = self.preprocess_with_boxes(
+            [x[f"jigsaw_{side}"] for x in batched_inputs], None, self.local_augmentation
+        )
+        cells = self.stack([x[f"cells_{side}"] for x in batched_inputs])
+        offsets = self.stack([x[f"offsets_{side}"] for x in batched_inputs])
+        # The crops are already normalised: cutting is pure indexing.
+        return cut_patches(crops, offsets, cells, self.jigsaw_grid, self.patch_size)
 
     def losses(self, q: Dict[str, torch.Tensor], k: Dict[str, torch.Tensor]) -> Dict:
         """

@@ -169,7 +169,8 @@ class InstanceLocalization(ContrastivePretrainer):
             "level_loss_weights": i.LEVEL_LOSS_WEIGHTS,
             "box_aug": AnchorBoxAugmentation(cfg) if i.BOX_AUG else None,
             "box_aug_features": i.BOX_AUG_FEATURES,
-            **contrastive_args_from_config(cfg),
+            # InsLoc composites get MoCo v2's photometric family, never RandAugment.
+            **contrastive_args_from_config(cfg, randaugment=False),
         }
 
     @classmethod
@@ -179,6 +180,12 @@ class InstanceLocalization(ContrastivePretrainer):
     def boxes(self, batched_inputs: List[Dict], key: str) -> torch.Tensor:
         """(N, 4) float boxes ``key`` of the inputs, on the model's device."""
         return torch.stack([x[key] for x in batched_inputs]).to(self.device).float()
+
+    def views_and_boxes(self, batched_inputs: List[Dict], side: str):
+        """(N, 3, S, S) normalised ``view_<side>`` and their (N, 4) boxes ``box_<side>`` (both
+        flipped when the photometric augmentation runs here)."""
+        views = [x[f"view_{side}"] for x in batched_inputs]
+        return self.preprocess_with_boxes(views, self.boxes(batched_inputs, f"box_{side}"))
 
     def query_boxes(self, boxes: torch.Tensor, image_size) -> torch.Tensor:
         """
@@ -202,13 +209,12 @@ class InstanceLocalization(ContrastivePretrainer):
         """
         if not self.training:
             return self.inference(batched_inputs)
-        images_q = self.preprocess([x["view_q"] for x in batched_inputs])
-        boxes_q = self.query_boxes(self.boxes(batched_inputs, "box_q"), images_q.shape[-2:])
+        images_q, boxes_q = self.views_and_boxes(batched_inputs, "q")
+        boxes_q = self.query_boxes(boxes_q, images_q.shape[-2:])
         q = self.encoder_q(images_q, boxes_q)
         with torch.no_grad():
             self.momentum_update()  # before the key forward, as in MoCo
-            images_k = self.preprocess([x["view_k"] for x in batched_inputs])
-            k = self.encode_keys(images_k, self.boxes(batched_inputs, "box_k"))
+            k = self.encode_keys(*self.views_and_boxes(batched_inputs, "k"))
         losses = {}
         for f in self.in_features:
             loss = self.contrast(f"insloc_{f}", q[f], k[f], self.queues[f]())
