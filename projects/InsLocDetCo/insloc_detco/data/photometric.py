@@ -24,6 +24,9 @@ __all__ = [
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
+# Hue rotation: channel n of the result is v - c * clamp(min(k, 4 - k), 0, 1) with
+# k = (n + 6 h) mod 6 and n = 5, 3, 1 for red, green, blue (the closed form of HSV -> RGB).
+_HUE_CHANNEL_OFFSETS = (5.0, 3.0, 1.0)
 
 
 def _per_sample(factor: torch.Tensor) -> torch.Tensor:
@@ -31,20 +34,25 @@ def _per_sample(factor: torch.Tensor) -> torch.Tensor:
     return factor.reshape(-1, 1, 1, 1)
 
 
+def _channel_constants(values, x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+
+
 def to_grayscale(x: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) -> (N, 1, H, W) luma."""
     r, g, b = x.unbind(dim=1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
 
 
 def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """factor * x + (1 - factor) * other, clamped to [0, 1]; ``other`` broadcasts to ``x``."""
     f = _per_sample(factor)
-    return (f * x + (1.0 - f) * other).clamp_(0.0, 1.0)
+    return (f * x).add_((1.0 - f) * other).clamp_(0.0, 1.0)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return blend(x, torch.zeros((), dtype=x.dtype, device=x.device), factor)
+    """Blend with black: scale, clamp."""
+    return (x * _per_sample(factor)).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -59,46 +67,24 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """
-    Rotate the hue by ``shift`` turns (in [-0.5, 0.5]): RGB -> HSV, h <- (h + shift) mod 1,
-    HSV -> RGB. Saturation and value are unchanged.
+    Rotate the hue by ``shift`` turns (in [-0.5, 0.5]); saturation and value are unchanged
+    (torchvision's RGB -> HSV, h <- (h + shift) mod 1, HSV -> RGB, in closed form).
     """
     r, g, b = x.unbind(dim=1)
-    value, _ = x.max(dim=1)
-    chroma = value - x.min(dim=1).values
-    safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    # Hue sector (in sixths of a turn) from whichever channel is the maximum; ties resolve to
-    # red, then green, as the usual definition does. Grays (chroma 0) get hue 0.
-    hue = torch.where(
+    value, low = x.amax(dim=1), x.amin(dim=1)
+    chroma = value - low
+    safe = torch.where(chroma > 0, chroma, 1.0)
+    # Hue in sixths of a turn, from whichever channel is the maximum (ties: red, then green).
+    # Grays (chroma 0) come out as their value whatever their hue.
+    hue6 = torch.where(
         value == r,
-        ((g - b) / safe_chroma) % 6.0,
-        torch.where(value == g, (b - r) / safe_chroma + 2.0, (r - g) / safe_chroma + 4.0),
+        (g - b) / safe,
+        torch.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
     )
-    hue = torch.where(chroma > 0, hue / 6.0, torch.zeros_like(hue))
-    hue = (hue + shift.reshape(-1, 1, 1)) % 1.0
-    saturation = torch.where(value > 0, chroma / torch.where(value > 0, value, 1.0), 0.0)
-    return _hsv_to_rgb(hue, saturation, value)
-
-
-def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) hue in [0, 1), saturation, value -> (N, 3, H, W) RGB."""
-    h6 = h * 6.0
-    sector = torch.floor(h6)
-    frac = h6 - sector
-    sector = sector.long() % 6
-    p = v * (1.0 - s)
-    q = v * (1.0 - s * frac)
-    t = v * (1.0 - s * (1.0 - frac))
-    # Channel values of the six sectors: red, green, blue rows; one column per sector.
-    table = torch.stack(
-        [
-            torch.stack([v, q, p, p, t, v], dim=1),
-            torch.stack([t, v, v, q, p, p], dim=1),
-            torch.stack([p, p, t, v, v, q], dim=1),
-        ],
-        dim=1,
-    )  # (N, 3, 6, H, W)
-    index = sector[:, None, None].expand(-1, 3, 1, -1, -1)
-    return table.gather(2, index).squeeze(2)
+    hue6 = hue6 + 6.0 * shift.reshape(-1, 1, 1)
+    k = torch.remainder(_channel_constants(_HUE_CHANNEL_OFFSETS, x) + hue6[:, None], 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return value[:, None] - chroma[:, None] * ramp
 
 
 def gaussian_kernels(kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
