@@ -213,8 +213,10 @@ class PhotometricAugmentation(nn.Module):
     def forward(
         self, images: torch.Tensor, boxes: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Augment a batch: :meth:`sample` then :meth:`apply`."""
-        return self.apply(images, self.sample(images.shape[0]), boxes)
+        """Augment a batch: :meth:`sample` then :meth:`apply`, in float32 even inside the
+        training step's autocast (pixel values are data, not activations)."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.apply(images, self.sample(images.shape[0]), boxes)
 
     def augment_one(
         self, image: torch.Tensor, box: Optional[torch.Tensor] = None
