@@ -91,8 +91,14 @@ class GlobalTimer(HookBase):
         return sum(v for v, it in history.values() if it >= self.start)
 
 
-def model_only_rate(trainer, batch, iters: int, warmup: int, device: str) -> float:
-    """img/s of the trainer's own step on one pre-loaded batch, repeated."""
+def model_only_rate(trainer, batch, iters: int, warmup: int, device: str):
+    """
+    The trainer's own step on one pre-loaded batch, repeated.
+
+    Returns:
+        img/s, and the training thread's CPU time per step / wall time per step (near 1: the
+        host, not the GPU, sets the pace).
+    """
     step = trainer._trainer
     step._data_loader_iter_obj = itertools.repeat(batch)
     with EventStorage(0) as storage:
@@ -101,12 +107,39 @@ def model_only_rate(trainer, batch, iters: int, warmup: int, device: str) -> flo
             if i == warmup:
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.thread_time()
             storage.iter = step.iter = i
             step.run_step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-    return len(batch) * iters / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return len(batch) * iters / wall, (time.thread_time() - cpu_start) / wall
+
+
+def profile_steps(trainer, steps: int = 3):
+    """GPU kernels per step and the GPU's busy fraction of the wall time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = trainer._trainer
+    with EventStorage(0) as storage, profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    ) as prof:
+        step.storage = storage
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(steps):
+            storage.iter = step.iter = i
+            step.run_step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.device_time_total for e in kernels) / 1e6  # microseconds -> s
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    print(f"  profile: {len(kernels) / steps:.0f} GPU kernels per step, GPU busy "
+          f"{busy / wall:.0%} of the wall time ({wall / steps * 1e3:.1f} ms/step)")
+    for e in top:
+        host_ms = e.self_cpu_time_total / steps / 1e3
+        print(f"    host {host_ms:7.2f} ms/step  x{e.count // steps:<5} {e.key[:60]}")
 
 
 def build_config(args):
@@ -148,6 +181,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     parser.add_argument("--data", default="", help="dataset name, or jpeg:N (generated)")
     parser.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
+    parser.add_argument("--profile", action="store_true", help="GPU kernels and busy time")
     parser.add_argument("--out", default="", help="append the result as a JSON line here")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args()
@@ -180,7 +214,9 @@ def main():
 
     model = getattr(trainer.model, "module", trainer.model)  # unwrap DDP
     batch = next(trainer._trainer._data_loader_iter)
-    model_only = model_only_rate(trainer, batch, args.iters, args.warmup, cfg.MODEL.DEVICE)
+    model_only, host_bound = model_only_rate(
+        trainer, batch, args.iters, args.warmup, cfg.MODEL.DEVICE
+    )
     result = {
         "method": cfg.MODEL.META_ARCHITECTURE,
         "config": args.config_file,
@@ -196,6 +232,7 @@ def main():
         "e2e_img_s": round(e2e, 1),
         "data_wait_fraction": round(waiting, 3),
         "model_only_img_s": round(model_only, 1),
+        "host_cpu_per_wall": round(host_bound, 3),
         "e2e_over_model_only": round(e2e / model_only, 3),
     }
     print(
@@ -204,9 +241,12 @@ def main():
         f"{args.channels_last}, {result['threads']} threads:\n"
         f"  end to end   {e2e:9.1f} img/s (global average over {args.iters} iterations)\n"
         f"  waiting for data {waiting:6.1%} of the time\n"
-        f"  model only   {model_only:9.1f} img/s (same trainer, one batch repeated)\n"
+        f"  model only   {model_only:9.1f} img/s (same trainer, one batch repeated; training "
+        f"thread busy {host_bound:.0%} of it)\n"
         f"  end to end / model only = {e2e / model_only:.3f}"
     )
+    if args.profile and cfg.MODEL.DEVICE.startswith("cuda"):
+        profile_steps(trainer)
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")

@@ -6,6 +6,7 @@ from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 
+from .batch import BatchCollator
 from .datasets import ensure_registered
 from .mapper import build_pretrain_mapper
 
@@ -38,7 +39,7 @@ class SkipCountingLoader:
 
     def __iter__(self):
         for batch in self.loader:
-            for d in batch:
+            for d in getattr(batch, "extras", batch):  # a PretrainBatch's per-sample entries
                 self.num_skipped += d.pop("num_skipped", 0)
             yield batch
 
@@ -46,9 +47,11 @@ class SkipCountingLoader:
 def build_pretrain_train_loader(cfg):
     """
     Returns:
-        SkipCountingLoader: an infinite iterable of lists (the per-rank batch) of mapper dicts.
-        If the mapper has a ``collate`` method (batch-level composition, e.g. InsLoc with
-        in-batch backgrounds), it runs in the loader workers on each list.
+        SkipCountingLoader: an infinite iterable of per-rank batches of mapper dicts
+        (:class:`PretrainBatch`: same-shaped tensors stacked in the loader workers, pinned for
+        an asynchronous copy when training on CUDA). If the mapper has a ``collate`` method
+        (batch-level composition, e.g. InsLoc with in-batch backgrounds), it runs first, in the
+        loader workers.
     """
     dataset_dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
     mapper = build_pretrain_mapper(cfg, dataset_dicts)
@@ -57,9 +60,9 @@ def build_pretrain_train_loader(cfg):
         f"{cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()} per rank with "
         f"{type(mapper).__name__}."
     )
-    kwargs = {}
-    if hasattr(mapper, "collate"):
-        kwargs["collate_fn"] = mapper.collate
+    kwargs = {"collate_fn": BatchCollator(getattr(mapper, "collate", None))}
+    if cfg.MODEL.DEVICE.startswith("cuda") and cfg.DATALOADER.NUM_WORKERS > 0:
+        kwargs["pin_memory"] = True
     loader = build_detection_train_loader(
         dataset=DatasetFromList(dataset_dicts, copy=False, serialize=True),
         mapper=mapper,

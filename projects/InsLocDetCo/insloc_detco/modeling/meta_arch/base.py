@@ -1,6 +1,6 @@
 """What every contrastive pretraining meta-architecture shares."""
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.utils.events import get_event_storage
@@ -10,6 +10,9 @@ from ...data.augmentation import PhotometricAugmentation, photometric_on_device
 from ..contrastive import contrastive_accuracy, encode_with_shuffle_bn, info_nce, momentum_update
 
 __all__ = ["ContrastivePretrainer", "contrastive_args_from_config"]
+
+# A batch of same-shaped tensors: stacked (N, ...) or a list of N.
+ImageBatch = Union[torch.Tensor, List[torch.Tensor]]
 
 
 def contrastive_args_from_config(cfg, randaugment: bool = True) -> Dict:
@@ -94,10 +97,18 @@ class ContrastivePretrainer(nn.Module):
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
 
-    def preprocess(self, images: List[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def gather(batched_inputs, key: str):
+        """The ``key`` entries of a batch: the (N, ...) tensor a ``PretrainBatch`` stacked in
+        the loader, else the list of the per-sample tensors."""
+        stacked = getattr(batched_inputs, "stacked", None)
+        tensor = stacked(key) if stacked is not None else None
+        return tensor if tensor is not None else [x[key] for x in batched_inputs]
+
+    def preprocess(self, images: ImageBatch) -> torch.Tensor:
         """
         Args:
-            images: list of (3, H, W) uint8 RGB views of one size.
+            images: (N, 3, H, W) uint8 RGB views, or a list of N (3, H, W) ones.
         Returns:
             (N, 3, H, W) float tensor on the model's device, photometrically augmented there in
             training if ``augmentation`` is set, normalised by mean/std.
@@ -106,7 +117,7 @@ class ContrastivePretrainer(nn.Module):
 
     def preprocess_with_boxes(
         self,
-        images: List[torch.Tensor],
+        images: ImageBatch,
         boxes: Optional[torch.Tensor],
         augmentation: Optional[PhotometricAugmentation] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -121,9 +132,11 @@ class ContrastivePretrainer(nn.Module):
             x, boxes = augmentation(x, boxes)
         return self.normalize(x), boxes
 
-    def stack(self, tensors: List[torch.Tensor]) -> torch.Tensor:
-        """Batch same-shaped tensors on the model's device (asynchronous host-to-device copy)."""
-        return torch.stack(tensors).to(self.device, non_blocking=True)
+    def stack(self, tensors: ImageBatch) -> torch.Tensor:
+        """Same-shaped tensors (or a stacked one) as a batch on the model's device; the copy is
+        asynchronous from pinned memory."""
+        batch = tensors if torch.is_tensor(tensors) else torch.stack(tensors)
+        return batch.to(self.device, non_blocking=True)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(..., 3, H, W) RGB 0-255 on the device -> normalised float (NHWC if configured)."""

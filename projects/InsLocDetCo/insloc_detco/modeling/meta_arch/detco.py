@@ -206,7 +206,7 @@ class DetCo(ContrastivePretrainer):
         """
         if not self.training:
             key = "view_q" if "view_q" in batched_inputs[0] else "image"
-            return self.encoder_q(self.preprocess([x[key] for x in batched_inputs]))
+            return self.encoder_q(self.preprocess(self.gather(batched_inputs, key)))
         q_inputs, k_inputs = self.prepare_inputs(batched_inputs)
         q = self.encoder_q(*q_inputs)
         with torch.no_grad():
@@ -226,8 +226,8 @@ class DetCo(ContrastivePretrainer):
             query inputs and key inputs, each (images (N, 3, S, S),) or (images, patch sets
             (N, G*G, 3, P, P)), normalised, on the model's device.
         """
-        q_inputs = [self.preprocess([x["view_q"] for x in batched_inputs])]
-        k_inputs = [self.preprocess([x["view_k"] for x in batched_inputs])]
+        q_inputs = [self.preprocess(self.gather(batched_inputs, "view_q"))]
+        k_inputs = [self.preprocess(self.gather(batched_inputs, "view_k"))]
         if self.global_local:
             q_inputs.append(self.preprocess_patches(batched_inputs, "q"))
             k_inputs.append(self.preprocess_patches(batched_inputs, "k"))
@@ -241,12 +241,12 @@ class DetCo(ContrastivePretrainer):
             ``cells_<side>`` / ``offsets_<side>``.
         """
         if f"patches_{side}" in batched_inputs[0]:
-            return self.normalize(self.stack([x[f"patches_{side}"] for x in batched_inputs]))
+            return self.normalize(self.stack(self.gather(batched_inputs, f"patches_{side}")))
         crops, _ = self.preprocess_with_boxes(
-            [x[f"jigsaw_{side}"] for x in batched_inputs], None, self.local_augmentation
+            self.gather(batched_inputs, f"jigsaw_{side}"), None, self.local_augmentation
         )
-        cells = self.stack([x[f"cells_{side}"] for x in batched_inputs])
-        offsets = self.stack([x[f"offsets_{side}"] for x in batched_inputs])
+        cells = self.stack(self.gather(batched_inputs, f"cells_{side}"))
+        offsets = self.stack(self.gather(batched_inputs, f"offsets_{side}"))
         # The crops are already normalised: cutting is pure indexing.
         return cut_patches(crops, offsets, cells, self.jigsaw_grid, self.patch_size)
 

@@ -179,12 +179,12 @@ class InstanceLocalization(ContrastivePretrainer):
 
     def boxes(self, batched_inputs: List[Dict], key: str) -> torch.Tensor:
         """(N, 4) float boxes ``key`` of the inputs, on the model's device."""
-        return torch.stack([x[key] for x in batched_inputs]).to(self.device).float()
+        return self.stack(self.gather(batched_inputs, key)).float()
 
     def views_and_boxes(self, batched_inputs: List[Dict], side: str):
         """(N, 3, S, S) normalised ``view_<side>`` and their (N, 4) boxes ``box_<side>`` (both
         flipped when the photometric augmentation runs here)."""
-        views = [x[f"view_{side}"] for x in batched_inputs]
+        views = self.gather(batched_inputs, f"view_{side}")
         return self.preprocess_with_boxes(views, self.boxes(batched_inputs, f"box_{side}"))
 
     def query_boxes(self, boxes: torch.Tensor, image_size) -> torch.Tensor:
@@ -224,9 +224,9 @@ class InstanceLocalization(ContrastivePretrainer):
 
     def inference(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         if "view_q" in batched_inputs[0]:
-            images = self.preprocess([x["view_q"] for x in batched_inputs])
+            images = self.preprocess(self.gather(batched_inputs, "view_q"))
             return self.encoder_q(images, self.boxes(batched_inputs, "box_q"))
-        images = self.preprocess([x["image"] for x in batched_inputs])
+        images = self.preprocess(self.gather(batched_inputs, "image"))
         h, w = images.shape[-2:]
         whole = torch.tensor([0.0, 0.0, w, h], device=self.device).expand(len(images), 4)
         return self.encoder_q(images, whole)

@@ -69,11 +69,11 @@ class MoCoV2(ContrastivePretrainer):
         """
         if not self.training:
             key = "view_q" if "view_q" in batched_inputs[0] else "image"
-            return self.encoder_q(self.preprocess([x[key] for x in batched_inputs]))
-        q = self.encoder_q(self.preprocess([x["view_q"] for x in batched_inputs]))
+            return self.encoder_q(self.preprocess(self.gather(batched_inputs, key)))
+        q = self.encoder_q(self.preprocess(self.gather(batched_inputs, "view_q")))
         with torch.no_grad():
             self.momentum_update()  # before the key forward, as in MoCo
-            k = self.encode_keys(self.preprocess([x["view_k"] for x in batched_inputs]))
+            k = self.encode_keys(self.preprocess(self.gather(batched_inputs, "view_k")))
         loss = self.contrast("moco", q, k, self.queue())
         self.queue.enqueue(k)
         return {"loss_contrast": loss}
