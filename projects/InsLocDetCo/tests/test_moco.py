@@ -66,3 +66,17 @@ def test_moco_v2_eval_returns_embeddings_and_keeps_state(cfg_loader):
     assert emb.shape == (2, 128)
     assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
     assert torch.equal(model.queue.keys, queue_before) and int(model.queue.ptr) == 0
+
+
+def test_accuracy_is_recorded_every_metrics_period(cfg_loader):
+    """Reading an accuracy back from the GPU stalls the step: only on logging iterations."""
+    cfg = cfg_loader("instant_test/pretrain_moco_v2.yaml", "SOLVER.LOG_PERIOD", 3)
+    model = build_model(cfg).train()
+    assert model.metrics_period == 3
+    batch = _batch(cfg, 2)
+    recorded = []
+    for it in range(4):
+        with EventStorage(it) as storage:
+            model(batch)
+            recorded.append("[metric]acc/moco" in storage.histories())
+    assert recorded == [True, False, False, True]

@@ -36,9 +36,6 @@ __all__ = [
 
 AUGMENT_PLACEMENTS = ("auto", "loader", "device")
 
-# The four colour-jitter operations, in the column order of the sampled parameters.
-_JITTER_OPS = (P.adjust_brightness, P.adjust_contrast, P.adjust_saturation, P.adjust_hue)
-
 
 def blur_kernel_size(view_size: int, frac: float) -> int:
     """The odd kernel side nearest to ``frac * view_size`` (at least 3)."""
@@ -188,13 +185,8 @@ class PhotometricAugmentation(nn.Module):
                 images = images.round().clamp_(0, 255).to(torch.uint8)
             images = self.randaugment.apply(images, params["randaugment"])
         x = images.float() / 255.0
-        factors = params["factors"].to(device, non_blocking=True)
-        jitter, order = params["jitter"], params["order"]
         for position in range(4):  # torchvision's ColorJitter: its own random order per sample
-            for op_index, op in enumerate(_JITTER_OPS):
-                idx = _indices(jitter & (order[:, position] == op_index), device)
-                if idx is not None:
-                    x.index_copy_(0, idx, op(x[idx], factors[idx, op_index]))
+            x = self._jitter_step(x, params, position)
         idx = _indices(params["gray"], device)
         if idx is not None:
             x.index_copy_(0, idx, P.to_grayscale(x[idx]).expand(-1, 3, -1, -1))
@@ -209,6 +201,37 @@ class PhotometricAugmentation(nn.Module):
                 boxes = boxes.to(device=device, dtype=torch.float32, copy=True)
                 boxes.index_copy_(0, idx, P.hflip_boxes(boxes[idx], x.shape[-1]))
         return x * 255.0, boxes
+
+    @staticmethod
+    def _jitter_step(x: torch.Tensor, params: Dict, position: int) -> torch.Tensor:
+        """
+        The ``position``-th op of every jittered sample's own order. Brightness, contrast and
+        saturation are all ``blend(x, other, f)`` (other: black, the mean luma, the luma), so
+        one blend over the whole batch serves the three (f = 1 leaves a sample unchanged);
+        the hue rotation runs on the samples that drew it. Few kernels per batch matters: a
+        training step at batch 64 is bound by kernel launches (bench/bench_e2e.py --profile).
+        """
+        device = x.device
+        op = params["order"][:, position]
+        blends = params["jitter"] & (op < 3)
+        if blends.any():
+            drawn = params["factors"].gather(1, op.clamp(max=2)[:, None])[:, 0]
+            f = torch.where(blends, drawn, 1.0)
+            contrast, saturation = (blends & (op == 1)).float(), (blends & (op == 2)).float()
+            f, contrast, saturation = torch.stack([f, contrast, saturation]).to(
+                device, non_blocking=True
+            )
+            other = torch.zeros((), device=device)
+            if (blends & (op > 0)).any():
+                gray = P.to_grayscale(x)
+                mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+                other = saturation.view(-1, 1, 1, 1) * gray + contrast.view(-1, 1, 1, 1) * mean
+            x = P.blend(x, other, f)
+        idx = _indices(params["jitter"] & (op == 3), device)
+        if idx is not None:
+            shift = params["factors"][:, 3].to(device, non_blocking=True)[idx]
+            x.index_copy_(0, idx, P.adjust_hue(x[idx], shift))
+        return x
 
     def forward(
         self, images: torch.Tensor, boxes: Optional[torch.Tensor] = None

@@ -36,6 +36,7 @@ def contrastive_args_from_config(cfg, randaugment: bool = True) -> Dict:
             PhotometricAugmentation(cfg, randaugment=randaugment) if on_device else None
         ),
         "channels_last": cfg.MODEL.CHANNELS_LAST,
+        "metrics_period": cfg.SOLVER.LOG_PERIOD,
     }
 
 
@@ -60,6 +61,7 @@ class ContrastivePretrainer(nn.Module):
         pixel_std: Sequence[float],
         augmentation: Optional[PhotometricAugmentation] = None,
         channels_last: bool = False,
+        metrics_period: int = 1,
     ):
         """
         Args:
@@ -74,6 +76,8 @@ class ContrastivePretrainer(nn.Module):
                 on the model's device in :meth:`preprocess` (None: the loader applied it).
             channels_last: give the encoders NHWC batches (the model itself is converted by
                 the trainer).
+            metrics_period: record the contrastive accuracies every this many iterations
+                (reading one back from the GPU stalls the step: do it when they are logged).
         """
         super().__init__()
         self.dim = dim
@@ -86,6 +90,7 @@ class ContrastivePretrainer(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.augmentation = augmentation
         self.channels_last = channels_last
+        self.metrics_period = max(1, metrics_period)
 
     @property
     def device(self) -> torch.device:
@@ -163,7 +168,7 @@ class ContrastivePretrainer(nn.Module):
     ) -> torch.Tensor:
         """
         One InfoNCE term; its top-1 accuracy goes to the event storage as ``[metric]acc/<name>``
-        (printed on the console next to the losses).
+        every ``metrics_period`` iterations (printed on the console next to the losses).
 
         Args:
             q, k: (N, D) unit-norm queries and positive keys; negatives: (K, D).
@@ -172,5 +177,7 @@ class ContrastivePretrainer(nn.Module):
         """
         loss, logits = info_nce(q, k, negatives, self.temperature)
         if self.training:
-            get_event_storage().put_scalar(f"[metric]acc/{name}", contrastive_accuracy(logits))
+            storage = get_event_storage()
+            if storage.iter % self.metrics_period == 0:
+                storage.put_scalar(f"[metric]acc/{name}", contrastive_accuracy(logits))
         return loss
