@@ -127,22 +127,29 @@ CONFIGS = {
 }
 
 
-def decode_and_crop(cfg, dicts, mapper):
-    """What any placement must do per sample: the decodes and the per-view resizes."""
+def decode_and_crop(cfg, mapper, photometric=None):
+    """
+    What any placement must do per sample: the decodes and the per-view resizes. With
+    ``photometric`` (a per-view transform), also what the loader did before this pipeline:
+    torchvision's per-image augmentation of every view.
+    """
     p = cfg.INPUT.PRETRAIN
     crop = build_view_crop(cfg)
     name = cfg.MODEL.META_ARCHITECTURE
+    finish = photometric or (lambda view: view)
 
     def run(d):
         image = read_rgb_image(d["file_name"], p.MIN_IMAGE_SIZE, p.MAX_DECODE_SIZE)
         if name == "InsLocFPN":  # 2 foreground crops + 2 backgrounds (two more decodes)
             for _ in range(2):
                 mapper.foreground(image)
-                mapper.resize(read_rgb_image(d["file_name"], p.MIN_IMAGE_SIZE, p.MAX_DECODE_SIZE))
+                background = read_rgb_image(d["file_name"], p.MIN_IMAGE_SIZE, p.MAX_DECODE_SIZE)
+                finish(mapper.resize(background))
         else:
-            crop(image), crop(image)
+            finish(crop(image)), finish(crop(image))
             if name == "DetCo":
-                mapper.jigsaw.crop(image), mapper.jigsaw.crop(image)
+                for _ in range(2):
+                    finish(mapper.jigsaw.crop(image)["crop"])
 
     return run
 
@@ -151,8 +158,8 @@ def bench_loader(data: str, samples: int):
     """CPU-seconds per sample of one loader worker (one thread, process CPU time)."""
     torch.set_num_threads(1)
     print(f"\n== Loader CPU-seconds per sample (one thread), data {data} ==")
-    header = f"{'method':<10} {'decode+crop ms':>15} {'device placement':>22}"
-    print(f"{header} {'loader placement':>22}")
+    print(f"{'method':<10} {'decode+crop':>12} {'device placement':>18} {'loader placement':>18} "
+          f"{'before (torchvision)':>21}")  # fmt: skip
     for name, config in CONFIGS.items():
         times = {}
         for where in ("device", "loader"):
@@ -161,13 +168,15 @@ def bench_loader(data: str, samples: int):
             dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
             mapper = build_pretrain_mapper(cfg, dicts)
             if where == "device":
-                baseline = decode_and_crop(cfg, dicts, mapper)
-                times["base"] = _cpu_per_sample(baseline, dicts, samples)
+                times["base"] = _cpu_per_sample(decode_and_crop(cfg, mapper), dicts, samples)
+                tv = torchvision_pipeline(cfg.INPUT.PRETRAIN.CROP_SIZE)
+                before = decode_and_crop(cfg, mapper, tv)
+                times["before"] = _cpu_per_sample(before, dicts, samples)
             times[where] = _cpu_per_sample(mapper, dicts, samples)
         b = times["base"]
-        print(f"{name:<10} {b * 1e3:15.1f} "
-              f"{times['device'] * 1e3:10.1f} ms x{times['device'] / b:5.2f}  "
-              f"{times['loader'] * 1e3:10.1f} ms x{times['loader'] / b:5.2f}")  # fmt: skip
+        cells = [f"{times[k] * 1e3:8.1f} ms x{times[k] / b:4.2f}" for k in ("device", "loader")]
+        cells.append(f"{times['before'] * 1e3:8.1f} ms x{times['before'] / b:4.2f}")
+        print(f"{name:<10} {b * 1e3:9.1f} ms {cells[0]:>18} {cells[1]:>18} {cells[2]:>21}")
 
 
 def _cpu_per_sample(fn, dicts, samples: int) -> float:
