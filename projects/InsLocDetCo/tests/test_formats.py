@@ -21,12 +21,15 @@ from detectron2.modeling import build_model, build_resnet_backbone
 from fake_checkpoints import BN_PARAMS, detectron2_name, no_fc
 
 from insloc_detco.transfer import load_transfer_config
+from insloc_detco.transfer.benchmarks import BENCHMARKS
 from insloc_detco.transfer.converter import (
     ConversionError,
     convert_checkpoint,
     convert_state_dict,
     fit_to_detector,
+    load_model_zoo_pkl,
 )
+from insloc_detco.transfer.runner import check_weights, detector_state, prepare_weights
 
 FPN_DETECTOR = "instant_test/coco_mask_rcnn_R_50_FPN.yaml"  # InsLoc's protocol: 4conv1fc + BN
 DETCO_FPN_DETECTOR = "instant_test/detco_coco_mask_rcnn_R_50_FPN.yaml"  # 2fc, no head norm
@@ -339,3 +342,36 @@ def test_instance_loc_neck_with_another_norm_is_an_error(resnet_sd, insloc_heads
     sd["backbone_k.conv1.weight"] = torch.zeros(1)
     with pytest.raises(ConversionError, match="neck.lateral_convs.0.gn.weight"):
         convert_state_dict(sd, "fpn")
+
+
+def test_run_places_third_party_weights_for_each_benchmark(fakes, tmp_path):
+    """What `eval_transfer.py run` does per benchmark: convert for the benchmark's detector,
+    keep what it uses, and check that every written tensor loads with the ResNet complete."""
+    expected = {  # benchmark -> (groups written, file name suffix)
+        "demo_coco_fpn": ({"bottom_up", "fpn", "box_head"}, "_fpn.pkl"),
+        "demo_detco_coco_fpn": ({"bottom_up", "fpn"}, "_fpn_no-box_head.pkl"),
+        "demo_coco_c4": ({"backbone", "res5"}, "_c4.pkl"),
+        "demo_semi_retinanet": ({"bottom_up", "fpn"}, "_retinanet.pkl"),
+    }
+    for name, (groups, suffix) in expected.items():
+        cfg = load_transfer_config(BENCHMARKS[name].config)
+        state = detector_state(cfg)
+        pkl = prepare_weights(fakes["insloc_fpn"], cfg, str(tmp_path), state)
+        assert pkl.endswith(suffix), pkl
+        report = check_weights(cfg, pkl, state)
+        written = load_model_zoo_pkl(pkl)["model"]
+        found = {_group(k) for k in written}
+        assert found == groups, (name, found)
+        assert report["loaded"] == len(written)
+        if name == "demo_semi_retinanet":  # RetinaNet's FPN starts at P3
+            assert not any("fpn_lateral2" in k or "fpn_output2" in k for k in written)
+
+
+def _group(key):
+    if key.startswith("backbone.bottom_up."):
+        return "bottom_up"
+    if key.startswith("backbone.fpn_"):
+        return "fpn"
+    if key.startswith("roi_heads.box_head."):
+        return "box_head"
+    return "res5" if key.startswith("roi_heads.res5.") else key.split(".")[0]

@@ -105,7 +105,9 @@ def prepare_weights(weights: str, cfg, output_dir: str, model_state=None) -> str
         if any(k.startswith(prefix) for k in converted.model)
         and not any(k.startswith(prefix) for k in conversion.model)
     ]
-    stem = os.path.splitext(os.path.basename(weights))[0]
+    stem = os.path.basename(weights)
+    while os.path.splitext(stem)[1] in (".tar", ".pth", ".pt", ".pkl"):  # x.pth.tar -> x
+        stem = os.path.splitext(stem)[0]
     run = os.path.basename(os.path.dirname(os.path.abspath(weights)))
     name = f"{run}_{stem}_{target}" + "".join(f"_no-{g}" for g in dropped) + ".pkl"
     path = os.path.join(output_dir, "weights", name)
