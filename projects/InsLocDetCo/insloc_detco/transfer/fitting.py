@@ -108,7 +108,11 @@ def fit_to_detector(conversion, model_state: Dict[str, torch.Tensor]):
     """
     model = conversion.model
     ours = [k for k in model if _DETECTOR_RESNET.match(k)]
-    problems = [f"{k} has no place in the detector" for k in ours if k not in model_state]
+    problems = [
+        f"{k} has no place in the detector"
+        for k in ours
+        if k not in model_state and not k.endswith("num_batches_tracked")
+    ]
     problems += [
         f"the detector's {k} is not in the checkpoint"
         for k in detector_resnet_keys(model_state)

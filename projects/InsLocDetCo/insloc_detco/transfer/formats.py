@@ -93,7 +93,7 @@ def unwrap_checkpoint(obj, path: str) -> Tuple[Dict, Dict]:
 
 def _sample(items, n: int = 4) -> str:
     items = list(items)
-    shown = ", ".join(f"{k}: {v}" if isinstance(k, str) and v else str(k) for k, v in items[:n])
+    shown = ", ".join(f"{name}: {what}" for name, what in items[:n])
     return (shown or "nothing") + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 

@@ -103,6 +103,8 @@ def _conv_module(rel: str) -> Optional[str]:
 # The layouts
 # ------------------------------------------------------------------------------------------
 def normalise_ours(sd: Dict, meta_architecture: Optional[str]) -> Transferable:
+    """Our pretraining checkpoints: the query encoder ``encoder_q`` of the meta-architecture
+    (its ResNet, InsLoc-C4's ``res5`` RoI head, InsLoc-FPN's FPN and 4conv1fc box head)."""
     out = Transferable()
     fpn_backbone = any(k.startswith(_Q + "backbone.bottom_up.") for k in sd)
     _take_detectron2_resnet(out, sd, _Q + ("backbone.bottom_up." if fpn_backbone else "backbone."))
@@ -157,6 +159,8 @@ def _check_meta_architecture(out: Transferable, sd: Dict):
 
 
 def normalise_moco(sd: Dict, container: Dict) -> Transferable:
+    """MoCo's ``main_moco.py`` checkpoint: a torchvision ResNet as ``encoder_q`` (``fc`` is
+    the projection: one layer in v1, an MLP in v2), ``encoder_k`` and ``queue``."""
     out = Transferable()
     _take_torchvision_resnet(out, sd, _Q, "projection head (fc)")
     out.leave_rest(sd, [("encoder_k.", "key (momentum) encoder"), ("queue", "negative-key queue")])
@@ -167,6 +171,7 @@ def normalise_moco(sd: Dict, container: Dict) -> Transferable:
 
 
 def normalise_openselfsup(sd: Dict) -> Transferable:
+    """OpenSelfSup runners (DenseCL, its MoCo): ``encoder_q = Sequential(ResNet, neck)``."""
     out = Transferable()
     _take_torchvision_resnet(out, sd, _Q + "0.", "classifier (fc)")
     out.leave_rest(sd, [
@@ -250,6 +255,8 @@ def _take_mmdet_box_head(out: Transferable, sd: Dict):
 
 
 def normalise_torchvision(sd: Dict, prefix: str, container: Dict) -> Transferable:
+    """A torchvision-layout ResNet under ``prefix``: torchvision's own weights, the backbones
+    DenseCL / DetCo / OpenSelfSup release (in ``state_dict``), an mmdetection ``backbone.``."""
     out = Transferable()
     _take_torchvision_resnet(out, sd, prefix, "ImageNet classifier (fc)")
     out.leave_rest(sd, [])
@@ -265,6 +272,8 @@ def normalise_torchvision(sd: Dict, prefix: str, container: Dict) -> Transferabl
 
 
 def normalise_detectron2(sd: Dict, container: Dict) -> Transferable:
+    """detectron2 names: a layout-neutral ResNet (``stem``, ``res2``...: MoCo's and DenseCL's
+    converters, our ``any`` target), a C4, FPN or RetinaNet detector (``.pkl`` / ``.pth``)."""
     out = Transferable()
     if any(k.startswith("backbone.bottom_up.") for k in sd):
         kind, resnet = "FPN / RetinaNet detector", "backbone.bottom_up."

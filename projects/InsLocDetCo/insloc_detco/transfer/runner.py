@@ -97,7 +97,9 @@ def prepare_weights(weights: str, cfg, output_dir: str, model_state=None) -> str
         return ""
     target = target_of_config(cfg)
     converted, info = convert_checkpoint(weights, target)
-    conversion = fit_to_detector(converted, model_state or detector_state(cfg))
+    if model_state is None:
+        model_state = detector_state(cfg)
+    conversion = fit_to_detector(converted, model_state)
     # A benchmark whose detector leaves a pretrained group out gets its own file.
     dropped = [
         group
