@@ -6,6 +6,8 @@ that differs from the query encoder, so that a wrong mapping cannot go unnoticed
 converted for each detector layout it can serve, loaded into the detector built from the
 matching instant transfer config with ``DetectionCheckpointer``, and compared:
 zero missing keys in the transferred groups, zero shape mismatches, identical features.
+The default (layout-neutral) conversion of a backbone-only checkpoint must load completely into
+stock model-zoo C4, FPN and RetinaNet detectors, and no write may destroy a file.
 """
 
 import os
