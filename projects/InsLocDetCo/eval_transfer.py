@@ -4,9 +4,10 @@ How good is a pretrained backbone for detection? Convert, fine-tune, evaluate, t
 
     # list the benchmarks
     python eval_transfer.py --list
-    # pretraining checkpoint -> detectron2 model-zoo .pkl (prints what was written / left out)
-    python eval_transfer.py convert output/pretrain_insloc_fpn/model_final.pth insloc_fpn.pkl \\
-        --target fpn
+    # any recognised checkpoint -> detectron2 model-zoo .pkl (prints the detected format and
+    # what was written / left out): ours, MoCo's .pth.tar, torchvision, InstanceLoc, DenseCL...
+    python eval_transfer.py convert output/pretrain_insloc_fpn/model_final.pth insloc_fpn.pkl
+    python eval_transfer.py convert moco_v2_200ep_pretrain.pth.tar moco_v2.pkl  # loads anywhere
     # one command: convert, fine-tune VOC 5 times and COCO FPN 1x once, write the table
     python eval_transfer.py run output/pretrain_insloc_fpn/model_final.pth \\
         --benchmark voc_c4_24k --benchmark coco_fpn_1x --num-gpus 8
@@ -15,7 +16,10 @@ How good is a pretrained backbone for detection? Convert, fine-tune, evaluate, t
         --benchmark demo_voc_c4
 
 ``run`` writes ``results.json`` and ``results.md`` (mean +- std over trials) in the output
-folder (default: ``transfer/`` next to the checkpoint); re-running skips finished trials.
+folder (default: ``transfer/`` next to the checkpoint); re-running skips finished trials and
+resumes unfinished ones, unless they were started with another config or weights (an error;
+``--force`` starts them again). ``convert`` never replaces its input or a file that is not an
+earlier conversion without ``--force``.
 Trailing ``KEY VALUE`` pairs (e.g. ``SOLVER.IMS_PER_BATCH 8``) override the config of every
 benchmark.
 """
@@ -28,9 +32,8 @@ from insloc_detco.transfer.benchmarks import benchmark_table, get_benchmark
 from insloc_detco.transfer.converter import (
     TARGETS,
     ConversionError,
+    check_output_path,
     convert_checkpoint,
-    default_target,
-    load_pretrain_checkpoint,
     save_model_zoo_pkl,
 )
 from insloc_detco.transfer.runner import (
@@ -40,16 +43,25 @@ from insloc_detco.transfer.runner import (
     setup_console_logging,
 )
 
+TARGET_HELP = {
+    "any": "layout-neutral ResNet names, loads into C4, FPN and RetinaNet detectors",
+    "c4": "backbone.* + roi_heads.res5.*",
+    "fpn": "backbone.bottom_up.* + backbone.fpn_* + roi_heads.box_head.*",
+    "retinanet": "backbone.bottom_up.* + backbone.fpn_* (P3-P5)",
+}
+
 
 def convert(args):
-    target = args.target
-    if target == "auto":
-        _, info = load_pretrain_checkpoint(args.input)
-        target = default_target(info["meta_architecture"] or "")
-    conversion, info = convert_checkpoint(args.input, target)
-    save_model_zoo_pkl(conversion, args.output, source=info["source"], iteration=info["iteration"])
+    check_output_path(args.output, args.input, args.force)  # before reading a large input
+    conversion, info = convert_checkpoint(args.input, args.target)
+    save_model_zoo_pkl(conversion, args.output, source=info["source"],
+                       iteration=info["iteration"], force=args.force)  # fmt: skip
+    print(f"Detected: {conversion.source_format}")
     print(conversion.table())
-    print(f"Wrote {len(conversion.model)} tensors to {args.output}")
+    print(
+        f"Wrote {len(conversion.model)} tensors to {args.output} "
+        f"(target '{conversion.target}': {TARGET_HELP[conversion.target]})"
+    )
 
 
 def run(args):
@@ -77,6 +89,7 @@ def run(args):
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
+        force=args.force,
     )
     print(f"Results: {os.path.join(output_dir, 'results.md')}")
 
@@ -88,20 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     sub = parser.add_subparsers(dest="command")
 
-    c = sub.add_parser("convert", help="pretraining checkpoint -> detectron2 .pkl")
-    c.add_argument("input", help="pretraining checkpoint (model_final.pth)")
+    c = sub.add_parser("convert", help="any recognised checkpoint -> detectron2 .pkl")
+    c.add_argument("input", help="a checkpoint: ours, MoCo, InstanceLoc, DenseCL, torchvision, "
+                   "detectron2 (.pth, .pth.tar, .pkl)")  # fmt: skip
     c.add_argument("output", help="the .pkl to write")
     c.add_argument(
         "--target", choices=("auto",) + TARGETS, default="auto",
-        help="detector layout: c4 (backbone + roi_heads.res5), fpn (backbone.bottom_up + FPN + "
-        "box head), retinanet; auto: fpn for InsLoc-FPN, else c4",
+        help="detector layout: " + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items())
+        + ". auto: fpn for an FPN / box head (InsLoc-FPN), c4 for InsLoc-C4, else any",
     )  # fmt: skip
+    c.add_argument("--force", action="store_true",
+                   help="replace OUTPUT even if it is the input or not an earlier conversion")
 
     r = sub.add_parser("run", help="convert, fine-tune, evaluate, tabulate")
     r.add_argument(
         "weights",
         nargs="?",
-        help="pretraining checkpoint (.pth), converted .pkl, or 'random' (no pretraining)",
+        help="any checkpoint `convert` takes (it is converted for each benchmark), or 'random' "
+        "(no pretraining)",
     )
     r.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     r.add_argument(
@@ -122,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-machines", type=int, default=1)
     r.add_argument("--machine-rank", type=int, default=0)
     r.add_argument("--dist-url", default="auto", help="e.g. tcp://HOST:PORT with several machines")
+    r.add_argument("--force", action="store_true",
+                   help="start again trials begun with another config or weights (the old "
+                   "folder is kept beside them); without it that is an error")  # fmt: skip
     # Trailing KEY VALUE pairs (detectron2 style) are what parse_known_args leaves over.
     return parser
 

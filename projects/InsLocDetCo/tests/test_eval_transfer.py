@@ -5,12 +5,14 @@ import importlib.util
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+import torchvision
 import yaml
 from conftest import PROJECT_DIR
 from detectron2.config import get_cfg
@@ -21,9 +23,17 @@ from torch import nn
 from utils import run_train_net
 
 from insloc_detco.transfer import demo_det, load_transfer_config
-from insloc_detco.transfer.benchmarks import BENCHMARKS
-from insloc_detco.transfer.converter import target_of_config
-from insloc_detco.transfer.runner import run_benchmarks
+from insloc_detco.transfer.benchmarks import BENCHMARKS, PROTOCOLS
+from insloc_detco.transfer.converter import detector_resnet_keys, target_of_config
+from insloc_detco.transfer.runner import (
+    RANDOM_INIT,
+    TransferError,
+    check_weights,
+    detector_state,
+    prepare_weights,
+    run_benchmarks,
+)
+from insloc_detco.transfer.trial_state import config_differences, prepare_trial_dir
 
 TRANSFER_DIR = os.path.join(PROJECT_DIR, "configs", "transfer")
 RECIPES = sorted(
@@ -48,6 +58,9 @@ def _eval_transfer():
 # ------------------------------------------------------------------------------------------
 # Configs and heads
 # ------------------------------------------------------------------------------------------
+PROTOCOL_OF_CONFIG = {b.config: b.protocol for b in BENCHMARKS.values()}
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_follows_protocol(name):
     cfg = load_transfer_config(name)
@@ -56,18 +69,32 @@ def test_recipe_follows_protocol(name):
     assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False and cfg.MODEL.BACKBONE.FREEZE_AT == 0
     assert cfg.MODEL.RESNETS.NORM == "naiveSyncBN" and cfg.TEST.PRECISE_BN.ENABLED
     assert cfg.MODEL.WEIGHTS == ""  # never the supervised ImageNet default of the baseline
+    protocol = PROTOCOL_OF_CONFIG[name]  # every recipe is a benchmark that names its protocol
+    assert protocol in PROTOCOLS
     target = target_of_config(cfg)
     if target == "c4":
         assert cfg.MODEL.ROI_HEADS.NAME == "ExtraNormRes5ROIHeads"
+        if not name.startswith("instant_test/"):  # DetCo caps training images at 1200 px
+            assert cfg.INPUT.MAX_SIZE_TRAIN == (1200 if protocol == "DetCo" else 1333)
     else:
         assert cfg.MODEL.FPN.NORM == "naiveSyncBN"
-    if target == "fpn":
+    if target == "fpn" and protocol == "DetCo":  # standard 2fc box head, no norm in the heads
+        assert cfg.MODEL.ROI_BOX_HEAD.NAME == "FastRCNNConvFCHead"
+        assert (cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_BOX_HEAD.NUM_FC) == (0, 2)
+        assert cfg.MODEL.ROI_BOX_HEAD.NORM == "" and cfg.MODEL.ROI_MASK_HEAD.NORM == ""
+    elif target == "fpn":  # InsLoc: 4conv1fc with BN, BN in the mask head
+        assert cfg.MODEL.ROI_BOX_HEAD.NAME == "ExtraNormConvFCHead"
         assert (cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_BOX_HEAD.NUM_FC) == (4, 1)
+        assert cfg.MODEL.ROI_BOX_HEAD.NORM == "naiveSyncBN"
+    if target == "retinanet":
+        assert cfg.MODEL.RETINANET.NORM == ""
     if not name.startswith("instant_test/"):
         # Inherited from detectron2's baselines, not restated: batch 16, 2 images per GPU x 8.
         assert cfg.SOLVER.IMS_PER_BATCH == 16
         assert cfg.SOLVER.BASE_LR == (0.01 if target == "retinanet" else 0.02)
         assert cfg.SOLVER.STEPS[-1] < cfg.SOLVER.MAX_ITER
+        if cfg.SOLVER.MAX_ITER == 12000:  # DetCo's 12k schedule, in every protocol
+            assert cfg.SOLVER.STEPS == (9000, 11000)
 
 
 def test_recipe_schedules():
@@ -85,6 +112,20 @@ def test_recipe_schedules():
     assert mini.SOLVER.MAX_ITER == round(12 * round(0.1 * 118287) / 16)
     semi = load_transfer_config("coco_retinanet_R_50_FPN_12k_1pct.yaml", ["SOLVER.MAX_ITER", "7"])
     assert semi.DATASETS.TRAIN == ("coco_2017_train_1pct",) and semi.SOLVER.MAX_ITER == 7
+    # DetCo's released recipes (github.com/xieenze/DetCo benchmarks/detection/configs).
+    schedules = {"12k": (12000, (9000, 11000)), "1x": (90000, (60000, 80000)),
+                 "2x": (180000, (120000, 160000))}  # fmt: skip
+    detectors = {"mask_rcnn_R_50_FPN": "fpn", "mask_rcnn_R_50_C4": "c4",
+                 "retinanet_R_50_FPN": "retinanet"}  # fmt: skip
+    for recipe, detector in detectors.items():
+        for s, (max_iter, steps) in schedules.items():
+            config = f"detco/coco_{recipe}_{s}.yaml"
+            cfg = load_transfer_config(config)
+            assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (max_iter, steps)
+            assert cfg.DATASETS.TRAIN == ("coco_2017_train",)
+            assert cfg.MODEL.MASK_ON == (detector != "retinanet")
+            bench = BENCHMARKS[f"detco_coco_{detector}_{s}"]
+            assert bench.config == config and bench.protocol == "DetCo"
     for b in BENCHMARKS.values():
         load_transfer_config(b.config)  # every benchmark points at a loadable config
 
@@ -196,14 +237,10 @@ def test_run_end_to_end_and_rerun_skips(moco_checkpoint, tmp_path):
     assert cfg.MODEL.WEIGHTS == results["weights"] and cfg.SEED == 1
     assert os.path.isfile(os.path.join(trial0, "model_final.pth"))
 
-    # Re-running skips finished trials: nothing is trained again.
+    # Re-running the same command skips finished trials: nothing is trained again (the
+    # default demo_det names now resolve under cwd's datasets/: the same generated set).
     stamp = os.path.getmtime(os.path.join(trial0, "results.json"))
-    demo_det.register_demo_det(str(tmp_path / "data" / "demo_det"), prefix="e2e_demo_det")
-    again = run_benchmarks(
-        moco_checkpoint, [BENCHMARKS["demo_voc_c4"]], out, trials=2,
-        opts=TINY + ["DATASETS.TRAIN", "('e2e_demo_det_voc_train',)",
-                     "DATASETS.TEST", "('e2e_demo_det_voc_val',)"],
-    )  # fmt: skip
+    again = run_benchmarks(moco_checkpoint, [BENCHMARKS["demo_voc_c4"]], out, trials=2, opts=TINY)
     assert os.path.getmtime(os.path.join(trial0, "results.json")) == stamp
     assert again["demo_voc_c4"]["summary"]["AP"]["values"] == summary["AP"]["values"]
 
@@ -212,39 +249,114 @@ def test_cli_list_and_convert(moco_checkpoint, tmp_path, capsys):
     cli = _eval_transfer()
     assert cli.main(["--list"]) == 0
     listing = capsys.readouterr().out
-    for name in ("voc_c4_24k", "coco_fpn_1x", "mini_coco_c4_12ep", "semi_coco_1pct_retinanet_12k"):
+    for name in ("voc_c4_24k", "coco_fpn_1x", "mini_coco_c4_12ep", "semi_coco_1pct_retinanet_12k",
+                 "detco_coco_fpn_12k", "detco_coco_c4_1x", "detco_coco_retinanet_12k"):  # fmt: skip
         assert name in listing
+    assert "protocol" in listing and "DetCo (Xie et al. 2021, released configs)" in listing
     pkl = str(tmp_path / "moco.pkl")
-    assert cli.main(["convert", moco_checkpoint, pkl]) == 0  # auto: MoCo v2 -> c4
+    assert cli.main(["convert", moco_checkpoint, pkl]) == 0  # auto: MoCo v2 -> layout-neutral
     printed = capsys.readouterr().out
-    assert "roi_heads.res5.*" in printed and "key (momentum) encoder" in printed
+    assert "Detected: InsLocDetCo MoCoV2 pretraining checkpoint" in printed
+    assert "res5.*" in printed and "key (momentum) encoder" in printed and "target 'any'" in printed
     with open(pkl, "rb") as f:
         data = pickle.load(f)
-    assert data["target"] == "c4" and data["meta_architecture"] == "MoCoV2"
-    assert data["matching_heuristics"] is True and "backbone.res4.5.conv3.weight" in data["model"]
+    assert data["target"] == "any" and data["meta_architecture"] == "MoCoV2"
+    assert data["matching_heuristics"] is True and "res4.5.conv3.weight" in data["model"]
+    assert cli.main(["convert", moco_checkpoint, pkl, "--target", "c4"]) == 0  # replaces ours
+    with open(pkl, "rb") as f:
+        assert "backbone.res4.5.conv3.weight" in pickle.load(f)["model"]
+
+
+def test_cli_convert_never_destroys_a_file(moco_checkpoint, tmp_path, capsys):
+    """`convert X.pth X.pth` replaced a 509 MB checkpoint with a 168 MB pickle, silently."""
+    cli = _eval_transfer()
+    copy = str(tmp_path / "model_final.pth")
+    shutil.copy(moco_checkpoint, copy)
+    before = open(copy, "rb").read()
+    assert cli.main(["convert", copy, copy]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is the input checkpoint" in err and len(err.splitlines()) == 1
+    other = str(tmp_path / "other.pth")  # another file that is not a conversion
+    shutil.copy(moco_checkpoint, other)
+    assert cli.main(["convert", copy, other]) == 2
+    assert "not a conversion written by InsLocDetCo" in capsys.readouterr().err
+    assert open(copy, "rb").read() == before and open(other, "rb").read() == before
+    assert cli.main(["convert", copy, str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert cli.main(["convert", copy, os.path.join(copy, "out.pkl")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert not glob.glob(str(tmp_path / "*.tmp")) and not glob.glob(str(tmp_path / ".*.tmp"))
+    assert cli.main(["convert", copy, other, "--force"]) == 0  # explicit: replaced
+    assert open(other, "rb").read() != before
 
 
 def test_clear_errors(moco_checkpoint, tmp_path, capsys):
     cli = _eval_transfer()
     out = str(tmp_path / "out")
-    # A checkpoint that is not a pretraining checkpoint.
+    # A detector checkpoint with an incomplete ResNet.
     wrong = str(tmp_path / "detector.pth")
     torch.save({"model": {"backbone.res2.0.conv1.weight": torch.ones(1)}}, wrong)
     assert cli.main(["run", wrong, "--benchmark", "demo_voc_c4", "--output-dir", out]) == 2
-    assert "Not an InsLocDetCo pretraining checkpoint" in capsys.readouterr().err
+    assert "detectron2 C4 detector lacks ResNet stage(s)" in capsys.readouterr().err
+    # Weights of another name layout: the message names what it found.
+    other = str(tmp_path / "other.pth")
+    torch.save({"state_dict": {"trunk.block1.weight": torch.ones(3)}}, other)
+    assert cli.main(["run", other, "--benchmark", "demo_voc_c4", "--output-dir", out]) == 2
+    assert "Unrecognised weights: 1 tensors named like trunk.block1.weight: 3 (in " \
+           "'state_dict')" in capsys.readouterr().err  # fmt: skip
+    # A ResNet the benchmark's detector would not use (ResNet-18 for an R-50 recipe).
+    r18 = str(tmp_path / "resnet18.pth")
+    torch.save(torchvision.models.resnet18().state_dict(), r18)
+    assert cli.main(["run", r18, "--benchmark", "demo_voc_c4", "--output-dir", out]) == 2
+    assert "ResNet does not fit this detector" in capsys.readouterr().err
     # A file that is no checkpoint at all.
     garbage = tmp_path / "model_final.pth"
     garbage.write_bytes(b"\x00garbage")
     assert cli.main(["run", str(garbage), "--benchmark", "demo_voc_c4", "--output-dir", out]) == 2
     assert "Cannot read" in capsys.readouterr().err
-    # A .pkl converted for C4 used by an FPN benchmark.
+    # Unknown benchmark.
+    assert cli.main(["run", r18, "--benchmark", "voc_c5", "--output-dir", out]) == 2
+    assert "Unknown benchmark 'voc_c5'" in capsys.readouterr().err
+    assert not os.path.isdir(os.path.join(out, "demo_voc_c4"))  # nothing launched
+
+
+def test_run_places_weights_for_each_benchmark(moco_checkpoint, tmp_path):
+    """A .pkl converted for one layout is converted again for the benchmark's detector, keeping
+    what it uses; a file that would leave tensors unused is refused."""
+    cli = _eval_transfer()
     pkl = str(tmp_path / "moco_c4.pkl")
     assert cli.main(["convert", moco_checkpoint, pkl, "--target", "c4"]) == 0
-    assert cli.main(["run", pkl, "--benchmark", "demo_coco_fpn", "--output-dir", out]) == 2
-    assert "converted for a 'c4' detector" in capsys.readouterr().err
-    # Unknown benchmark.
-    assert cli.main(["run", pkl, "--benchmark", "voc_c5", "--output-dir", out]) == 2
-    assert "Unknown benchmark 'voc_c5'" in capsys.readouterr().err
+    for name in ("demo_coco_fpn", "demo_voc_c4", "demo_semi_retinanet"):
+        cfg = load_transfer_config(BENCHMARKS[name].config)
+        state = detector_state(cfg)
+        placed = prepare_weights(pkl, cfg, str(tmp_path / "out"), state)
+        report = check_weights(cfg, placed, state)
+        assert report["loaded"] == len(detector_resnet_keys(state)) + 53  # + BN counters
+    fpn_cfg = load_transfer_config(BENCHMARKS["demo_coco_fpn"].config)
+    with pytest.raises(TransferError, match="would not be used by the detector"):
+        check_weights(fpn_cfg, pkl)  # backbone.res4.* names: no such tensors in an FPN
+
+
+def test_run_takes_an_official_moco_checkpoint(tmp_path):
+    """`run` accepts MoCo's own checkpoint (main_moco.py's .pth.tar) directly."""
+    resnet = torchvision.models.resnet50().state_dict()
+    state = {f"module.encoder_q.{k}": v for k, v in resnet.items()}
+    state.update({f"module.encoder_k.{k}": torch.zeros(1) for k in resnet})  # left out anyway
+    state.update({"module.queue": torch.randn(128, 8), "module.queue_ptr": torch.zeros(1).long()})
+    ckpt = str(tmp_path / "moco_v1_200ep_pretrain.pth.tar")
+    torch.save({"epoch": 200, "arch": "resnet50", "state_dict": state}, ckpt)
+    out = str(tmp_path / "transfer")
+    opts = TINY[:1] + ["2"] + TINY[2:3] + ["(1,)"] + TINY[4:]
+    assert _eval_transfer().main(["run", ckpt, "--benchmark", "demo_voc_c4", "--trials", "1",
+                                  "--output-dir", out, *opts]) == 0  # fmt: skip
+    with open(os.path.join(out, "results.json")) as f:
+        result = json.load(f)["demo_voc_c4"]
+    assert result["weights"].endswith("_moco_v1_200ep_pretrain_c4.pkl")
+    with open(result["weights"], "rb") as f:
+        data = pickle.load(f)
+    assert data["source_format"].startswith("MoCo v1 checkpoint")
+    assert torch.equal(torch.as_tensor(data["model"]["roi_heads.res5.2.conv3.weight"]),
+                       resnet["layer4.2.conv3.weight"])  # fmt: skip
 
 
 def test_random_init_on_two_processes(tmp_path):
@@ -287,3 +399,54 @@ def test_unreadable_annotations_are_a_clear_error(moco_checkpoint, tmp_path, cap
             for fmt in ("voc", "coco"):
                 DatasetCatalog.remove(f"corrupt_demo_det_{fmt}_{split}")
                 MetadataCatalog.remove(f"corrupt_demo_det_{fmt}_{split}")
+
+
+def test_trial_started_with_another_config_is_not_resumed(tmp_path):
+    """A trial rerun with another schedule resumed the old schedule's checkpoint and reported it.
+    Now that is an error naming the differences, and nothing in the trial folder changes."""
+    out = str(tmp_path / "transfer")
+    bench = [BENCHMARKS["demo_voc_c4"]]
+    first = TINY + ["SOLVER.CHECKPOINT_PERIOD", "2"]
+    shorter = first[:1] + ["2"] + first[2:3] + ["(1,)"] + first[4:]  # MAX_ITER 2, STEPS (1,)
+    changed = r"SOLVER\.MAX_ITER 4 -> 2; SOLVER\.STEPS \[3\] -> \[1\]"
+    run_benchmarks(RANDOM_INIT, bench, out, trials=1, opts=first)
+    trial = os.path.join(out, "demo_voc_c4", "trial0")
+    # A finished trial's result is not reported under another config.
+    with pytest.raises(TransferError, match=changed):
+        run_benchmarks(RANDOM_INIT, bench, out, trials=1, opts=shorter)
+    # An unfinished one (killed before the end) is not resumed under another config.
+    os.remove(os.path.join(trial, "results.json"))
+    saved = {f: os.path.getmtime(os.path.join(trial, f)) for f in os.listdir(trial)}
+    with pytest.raises(TransferError, match=changed + ".*--force"):
+        run_benchmarks(RANDOM_INIT, bench, out, trials=1, opts=shorter)
+    assert {f: os.path.getmtime(os.path.join(trial, f)) for f in os.listdir(trial)} == saved
+    # The same config, with another checkpoint period, resumes.
+    opts = first[:-1] + ["5"]
+    again = run_benchmarks(RANDOM_INIT, bench, out, trials=1, opts=opts)
+    assert again["demo_voc_c4"]["trials"][0]["max_iter"] == 4
+
+
+def test_trial_weights_content_is_compared(tmp_path):
+    trial = str(tmp_path / "trial0")
+    cfg = load_transfer_config(BENCHMARKS["demo_voc_c4"].config).dump()
+    # Keys that do not change what a trial computes may differ.
+    faster = cfg.replace("NUM_WORKERS: 0", "NUM_WORKERS: 4").replace("DEVICE: cpu", "DEVICE: cuda")
+    assert faster != cfg and config_differences(cfg, faster) == []
+    assert config_differences(cfg, cfg.replace("BASE_LR: 0.005", "BASE_LR: 0.01")) == [
+        "SOLVER.BASE_LR 0.005 -> 0.01"
+    ]
+    assert prepare_trial_dir(trial, cfg, "a" * 64, force=False) == "new"
+    assert prepare_trial_dir(trial, cfg, "a" * 64, force=False) == "resume"
+    # Other weights, nothing saved yet: starts again.
+    assert prepare_trial_dir(trial, cfg, "b" * 64, force=False) == "new"
+    open(os.path.join(trial, "model_0000009.pth"), "wb").close()
+    with pytest.raises(ValueError, match="weights content"):
+        prepare_trial_dir(trial, cfg, "c" * 64, force=False)
+    # The weights file may move (another output folder): its content is what counts.
+    moved = cfg.replace("WEIGHTS: ''", "WEIGHTS: /elsewhere/w.pkl")
+    assert moved != cfg and prepare_trial_dir(trial, moved, "b" * 64, force=False) == "resume"
+    # --force starts it again, keeping the old folder beside it.
+    assert prepare_trial_dir(trial, cfg, "c" * 64, force=True) == "new"
+    assert sorted(os.listdir(trial)) == ["config.yaml", "inputs.json"]
+    kept = glob.glob(trial + ".replaced-*")
+    assert len(kept) == 1 and "model_0000009.pth" in os.listdir(kept[0])

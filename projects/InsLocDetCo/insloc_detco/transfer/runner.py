@@ -1,18 +1,22 @@
 """
 One command from a pretraining checkpoint to a results table (``eval_transfer.py run``).
 
-For each benchmark: convert the checkpoint for the benchmark's detector layout, check that the
-data sets can be read and that the weights load, then fine-tune and evaluate ``trials`` times
-with seeds ``seed, seed + 1, ...`` (detectron2 ``launch``: one process per GPU, any number of
-machines). Layout of the output folder::
+For each benchmark: convert the weights (any layout :mod:`.formats` recognises) for the
+benchmark's detector, keeping what that detector uses (:func:`.converter.fit_to_detector`),
+check that the data sets can be read and that every converted tensor loads, then fine-tune and
+evaluate ``trials`` times with seeds ``seed, seed + 1, ...`` (detectron2 ``launch``: one
+process per GPU, any number of machines). Layout of the output folder::
 
-    <output>/weights/<checkpoint>_<layout>.pkl     converted weights
-    <output>/<benchmark>/trial<i>/                 detectron2 run: config.yaml (fully
-        resolved), log.txt, metrics.json, model_final.pth, results.json (= trial finished)
-    <output>/results.json, <output>/results.md     mean +- std over trials, all benchmarks
+    <output>/weights/<run>_<checkpoint>_<layout>.pkl   converted weights
+    <output>/<benchmark>/trial<i>/                     detectron2 run: config.yaml (fully
+        resolved), inputs.json (weights digest), log.txt, metrics.json, model_final.pth,
+        results.json (= trial finished)
+    <output>/results.json, <output>/results.md         mean +- std over trials, all benchmarks
 
 Re-running the command skips finished trials and resumes unfinished ones from their last
-checkpoint. With several machines the output folder must be shared (as for checkpoints).
+checkpoint, if they were started with the same config and weights (:mod:`.trial_state`; else
+it stops, or with ``force`` starts them again). With several machines the output folder must
+be shared (as for checkpoints).
 """
 
 import contextlib
@@ -36,6 +40,8 @@ from .benchmarks import Benchmark
 from .config import load_transfer_config, quiet_logger
 from .converter import (
     convert_checkpoint,
+    detector_resnet_keys,
+    fit_to_detector,
     load_model_zoo_pkl,
     save_model_zoo_pkl,
     target_of_config,
@@ -43,10 +49,12 @@ from .converter import (
 from .results import machine_description, markdown_table, now, summarize, write_json
 from .subsets import ensure_subset_registered
 from .trainer import TransferTrainer
+from .trial_state import file_sha256, prepare_trial_dir
 
 __all__ = [
     "TransferError",
     "setup_console_logging",
+    "detector_state",
     "prepare_weights",
     "check_datasets",
     "check_weights",
@@ -66,32 +74,45 @@ class TransferError(RuntimeError):
 RANDOM_INIT = "random"  # the ``weights`` that fine-tune from detectron2's random init
 
 
-def prepare_weights(weights: str, target: str, output_dir: str) -> str:
+def detector_state(cfg) -> Dict[str, torch.Tensor]:
+    """The state dict of the detector ``cfg`` builds (on the CPU: no GPU is busy yet)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    return build_model(cfg).state_dict()
+
+
+def prepare_weights(weights: str, cfg, output_dir: str, model_state=None) -> str:
     """
     Args:
-        weights: a pretraining checkpoint (``.pth``, converted here), a model-zoo ``.pkl``, or
-            ``"random"`` (no pretraining: the detector's own initialisation).
-        target: the detector layout of the benchmark.
+        weights: any checkpoint :mod:`.formats` recognises (ours, MoCo, InstanceLoc, DenseCL,
+            torchvision, a detectron2 ``.pkl`` / ``.pth``...), or ``"random"`` (no
+            pretraining: the detector's own initialisation).
+        cfg: the benchmark's config.
+        model_state: :func:`detector_state` of ``cfg`` (built if None).
     Returns:
-        path of a ``.pkl`` for that layout ("" for random init).
+        path of a ``.pkl`` with exactly what this detector uses ("" for random init).
     """
     if weights == RANDOM_INIT:
         return ""
-    if weights.endswith(".pkl"):
-        data = load_model_zoo_pkl(weights)
-        if data.get("target", target) != target:
-            raise TransferError(
-                f"'{weights}' was converted for a '{data['target']}' detector, but this "
-                f"benchmark builds a '{target}' one. Pass the pretraining checkpoint (.pth): "
-                "it is converted for each layout."
-            )
-        if "target" not in data:
-            logger.warning(f"'{weights}' was not converted by InsLocDetCo: using it as it is.")
-        return weights
-    conversion, info = convert_checkpoint(weights, target)
-    stem = os.path.splitext(os.path.basename(weights))[0]
+    target = target_of_config(cfg)
+    converted, info = convert_checkpoint(weights, target)
+    if model_state is None:
+        model_state = detector_state(cfg)
+    conversion = fit_to_detector(converted, model_state)
+    # A benchmark whose detector leaves a pretrained group out gets its own file.
+    dropped = [
+        group
+        for group, prefix in (("fpn", "backbone.fpn_"), ("box_head", "roi_heads.box_head."))
+        if any(k.startswith(prefix) for k in converted.model)
+        and not any(k.startswith(prefix) for k in conversion.model)
+    ]
+    stem = os.path.basename(weights)
+    while os.path.splitext(stem)[1] in (".tar", ".pth", ".pt", ".pkl"):  # x.pth.tar -> x
+        stem = os.path.splitext(stem)[0]
     run = os.path.basename(os.path.dirname(os.path.abspath(weights)))
-    path = os.path.join(output_dir, "weights", f"{run}_{stem}_{target}.pkl")
+    name = f"{run}_{stem}_{target}" + "".join(f"_no-{g}" for g in dropped) + ".pkl"
+    path = os.path.join(output_dir, "weights", name)
     save_model_zoo_pkl(conversion, path, source=info["source"], iteration=info["iteration"])
     logger.info(conversion.table() + f"\nWrote {path}")
     return path
@@ -124,20 +145,21 @@ def check_datasets(cfg) -> Dict[str, int]:
     return counts
 
 
-def check_weights(cfg, pkl: str) -> Dict[str, int]:
+def check_weights(cfg, pkl: str, model_state=None) -> Dict[str, int]:
     """
-    Build the detector on the CPU and match the ``.pkl`` against it the way
-    ``DetectionCheckpointer`` will (name heuristics included).
+    Match the ``.pkl`` against the detector the way ``DetectionCheckpointer`` will (name
+    heuristics included): every tensor of the file must load, and the detector's ResNet must
+    come from it completely.
 
+    Args:
+        model_state: :func:`detector_state` of ``cfg`` (built if None).
     Returns:
-        {"loaded", "unexpected", "model"}: tensor counts.
+        {"loaded", "model"}: tensor counts.
     Raises:
-        TransferError: nothing would load, or some tensors have the wrong shape.
+        TransferError: a tensor would not be used or has the wrong shape, or the detector's
+            ResNet would stay partly randomly initialised.
     """
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.DEVICE = "cpu"
-    model_state = build_model(cfg).state_dict()
+    model_state = model_state if model_state is not None else detector_state(cfg)
     data = load_model_zoo_pkl(pkl)
     ckpt = {k: torch.as_tensor(v) for k, v in data["model"].items()}
     if data.get("matching_heuristics", False):
@@ -147,16 +169,22 @@ def check_weights(cfg, pkl: str) -> Dict[str, int]:
                 model_state, ckpt, c2_conversion=data["__author__"] == "Caffe2"
             )
     loaded = [k for k in ckpt if k in model_state and model_state[k].shape == ckpt[k].shape]
-    wrong = [k for k in ckpt if k in model_state and model_state[k].shape != ckpt[k].shape]
-    if wrong:
+    unused = [k for k in ckpt if k not in loaded and not k.endswith("num_batches_tracked")]
+    if unused:
+        shape = lambda k: f" {tuple(ckpt[k].shape)} vs {tuple(model_state[k].shape)}" if (
+            k in model_state) else " (no such tensor)"  # fmt: skip
         raise TransferError(
-            f"{len(wrong)} tensors of '{pkl}' do not fit the detector, e.g. {wrong[0]}: "
-            f"{tuple(ckpt[wrong[0]].shape)} vs {tuple(model_state[wrong[0]].shape)} "
-            "(is the checkpoint a ResNet-50 like the config?)."
+            f"{len(unused)} tensors of '{pkl}' would not be used by the detector of this "
+            f"benchmark, e.g. {unused[0]}{shape(unused[0])}. Give `run` the checkpoint itself: "
+            "it is converted for each benchmark's detector."
         )
-    if not loaded:
-        raise TransferError(f"No tensor of '{pkl}' matches the detector of this benchmark.")
-    return {"loaded": len(loaded), "unexpected": len(ckpt) - len(loaded), "model": len(model_state)}
+    missing = [k for k in detector_resnet_keys(model_state) if k not in ckpt]
+    if missing:
+        raise TransferError(
+            f"'{pkl}' leaves {len(missing)} tensors of the detector's ResNet randomly "
+            f"initialised, e.g. {missing[0]}."
+        )
+    return {"loaded": len(loaded), "model": len(model_state)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,16 +274,20 @@ def run_benchmarks(
     num_machines: int = 1,
     machine_rank: int = 0,
     dist_url: str = "auto",
+    force: bool = False,
 ) -> Dict[str, Dict]:
     """
     Args:
-        weights: pretraining checkpoint (``.pth``) or converted ``.pkl``.
+        weights: any checkpoint :mod:`.formats` recognises (a pretraining checkpoint, a
+            converted or model-zoo ``.pkl``...), or "random".
         benchmarks: what to run, in order.
         output_dir: where runs and tables go.
         trials: fine-tunes per benchmark (None: each benchmark's default).
         seed: seed of the first trial; trial i uses ``seed + i``.
         opts: ``KEY VALUE`` config overrides for every benchmark.
         num_gpus, num_machines, machine_rank, dist_url: as detectron2's ``launch``.
+        force: start again a trial that was started with another config or weights (see
+            :mod:`.trial_state`); else that is an error.
     Returns:
         benchmark name -> results (as written to ``results.json``).
     """
@@ -264,39 +296,36 @@ def run_benchmarks(
     for bench in benchmarks:
         cfg = load_transfer_config(bench.config, opts)
         target = target_of_config(cfg)
-        pkl = prepare_weights(weights, target, output_dir)
-        counts = check_datasets(cfg)
-        if pkl:
-            report = check_weights(cfg, pkl)
+        pkl, source = "", "random initialisation (no pretrained tensor)"
+        if weights != RANDOM_INIT:
+            model_state = detector_state(cfg)
+            pkl = prepare_weights(weights, cfg, output_dir, model_state)
+            report = check_weights(cfg, pkl, model_state)
             source = f"{report['loaded']} of the detector's {report['model']} tensors come from "
             source += os.path.basename(pkl)
-        else:
-            source = "random initialisation (no pretrained tensor)"
+        counts = check_datasets(cfg)
         logger.info(f"[{bench.name}] {source}; data: {counts}")
+        weights_sha256 = file_sha256(pkl)
         done: List[Dict] = []
         for t in range(trials or bench.trials):
             trial_dir = os.path.join(output_dir, bench.name, f"trial{t}")
             result_file = os.path.join(trial_dir, "results.json")
             trial_cfg = _trial_config(cfg, pkl, trial_dir, seed + t)
-            config_file = os.path.join(trial_dir, "config.yaml")
-            if not os.path.isfile(result_file):
-                os.makedirs(trial_dir, exist_ok=True)
-                with open(config_file, "w") as f:
-                    f.write(trial_cfg.dump())  # fully resolved: stock tools can rerun it
+            try:
+                state = prepare_trial_dir(trial_dir, trial_cfg.dump(), weights_sha256, force,
+                                          write=machine_rank == 0)  # fmt: skip
+            except ValueError as e:
+                raise TransferError(f"[{bench.name}] trial {t}: {e}") from None
+            if state == "finished":
+                logger.info(f"[{bench.name}] trial {t}: finished earlier, skipped ({result_file})")
+            else:
                 info = {"benchmark": bench.name, "trial": t, "seed": seed + t, "weights": pkl,
                         "config": bench.config, "max_iter": trial_cfg.SOLVER.MAX_ITER,
                         "ims_per_batch": trial_cfg.SOLVER.IMS_PER_BATCH,
                         "base_lr": trial_cfg.SOLVER.BASE_LR}  # fmt: skip
-                logger.info(f"[{bench.name}] trial {t}: seed {seed + t}, output {trial_dir}")
+                logger.info(f"[{bench.name}] trial {t} ({state}): seed {seed + t}, {trial_dir}")
                 launch(run_trial, num_gpus, num_machines, machine_rank, dist_url,
                        args=(trial_cfg, info))  # fmt: skip
-            else:
-                logger.info(f"[{bench.name}] trial {t}: finished earlier, skipped ({result_file})")
-                if open(config_file).read() != trial_cfg.dump():
-                    logger.warning(
-                        f"[{bench.name}] trial {t} ran with another config than this command's "
-                        f"(see {config_file}); delete {trial_dir} to run it again."
-                    )
             if machine_rank == 0:
                 with open(result_file) as f:
                     done.append(json.load(f))
