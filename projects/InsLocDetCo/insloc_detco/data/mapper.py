@@ -15,9 +15,9 @@ unreadable and never draws them again. It aborts with :class:`UnreadableDatasetE
   during training).
 
 Once one image has been read, a run of failures alone never aborts: a corpus in which any
-fraction is readable trains, and what it skips is counted. The first rule can fire on a healthy
-corpus only by chance, with probability (1 - f)^K for a readable fraction f: below 2e-9 for
-f = 2 % at the default K = 1000.
+fraction is readable trains, and what it skips is counted. The first rule can fire on a usable
+corpus only by chance: with a readable fraction f, each worker's first K draws all fail with
+probability about (1 - f)^K, below 2e-9 for f = 2 % at the default K = 1000.
 """
 import logging
 from typing import Collection, Dict, List, Optional, Sequence, Tuple
