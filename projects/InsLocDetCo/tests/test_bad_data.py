@@ -33,6 +33,11 @@ MAPPERS = {
     ),
     "detco": ("instant_test/pretrain_detco.yaml",),
 }  # fmt: skip
+# What is tested is reading; photometric augmentation would only cost time.
+NO_COLOUR = (
+    "INPUT.PRETRAIN.COLOR_JITTER_PROB", 0.0, "INPUT.PRETRAIN.GRAYSCALE_PROB", 0.0,
+    "INPUT.PRETRAIN.BLUR_PROB", 0.0,
+)  # fmt: skip
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -100,6 +105,7 @@ def _loader_cfg(mapper, root, *opts):
         "DATASETS.TRAIN", (f"folder:{root}",),
         "DATALOADER.NUM_WORKERS", 0,
         "SOLVER.IMS_PER_BATCH", 4,
+        *NO_COLOUR,
         *opts,
     )  # fmt: skip
 
@@ -122,7 +128,7 @@ def test_every_mapper_trains_where_some_images_are_readable(mapper, good, bad, t
     full batches; what was skipped is counted."""
     torch.manual_seed(0)
     root = _corpus(tmp_path, good, bad)
-    loader, batches = _batches(_loader_cfg(mapper, root), 6)
+    loader, batches = _batches(_loader_cfg(mapper, root), 3)
     for batch in batches:
         assert len(batch) == 4
         assert all(v.dtype == torch.uint8 for d in batch for k, v in d.items() if "view" in k)
@@ -147,11 +153,7 @@ def test_large_sparse_corpus_never_aborts(mapper, fraction, monkeypatch):
 
     monkeypatch.setattr("insloc_detco.data.mapper.read_rgb_image", fake_read)
     dicts = [{"file_name": n, "image_id": i} for i, n in enumerate(names)]
-    no_colour = (
-        "INPUT.PRETRAIN.COLOR_JITTER_PROB", 0.0, "INPUT.PRETRAIN.GRAYSCALE_PROB", 0.0,
-        "INPUT.PRETRAIN.BLUR_PROB", 0.0,
-    )  # fmt: skip (what is tested is reading; photometric augmentation only costs time)
-    m = build_pretrain_mapper(load_config(*MAPPERS[mapper], *no_colour), dicts)
+    m = build_pretrain_mapper(load_config(*MAPPERS[mapper], *NO_COLOUR), dicts)
     torch.manual_seed(0)
     skipped = 0
     for index in rng.integers(0, len(dicts), 400):
@@ -183,18 +185,18 @@ def test_unreadable_files_are_not_drawn_again(cfg_loader, tmp_path):
     """1 good image among 30 bad: each bad one is read at most once per worker for replacements
     and backgrounds, so InsLoc's three images per sample cost no endless re-reads."""
     root = _corpus(tmp_path, 1, 30)
-    cfg = cfg_loader(*MAPPERS["insloc_dataset_bg"])
+    cfg = cfg_loader(*MAPPERS["insloc_dataset_bg"], *NO_COLOUR)
     dicts = get_pretrain_dataset_dicts([f"folder:{root}"])
     mapper = build_pretrain_mapper(cfg, dicts)
     reads = []
     read = mapper.read
     mapper.read = lambda name: reads.append(name) or read(name)
     torch.manual_seed(0)
-    for d in dicts * 3:
+    for d in dicts * 2:
         assert mapper(d)["view_q"].shape[-1] == cfg.INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE
     bad_reads = [r for r in reads if "bad" in os.path.basename(r)]
-    records = [d["file_name"] for d in dicts * 3]
-    # Each bad file: read as a sampled record (3 epochs) and at most once as a drawn image.
+    records = [d["file_name"] for d in dicts * 2]
+    # Each bad file: read as a sampled record (2 epochs) and at most once as a drawn image.
     for name in set(bad_reads):
         assert bad_reads.count(name) <= records.count(name) + 1, name
 
