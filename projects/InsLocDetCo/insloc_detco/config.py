@@ -116,9 +116,9 @@ def add_insloc_detco_config(cfg):
     # draft reduction of MAX_DECODE_SIZE) are skipped and counted, before decoding, whatever
     # their format (0: no cap). The default is Pillow's own decompression-bomb threshold, written
     # out so that it does not depend on the process-wide PIL.Image.MAX_IMAGE_PIXELS: at most
-    # 268 MB of RGB per decode, and room for photos of cameras up to 89 MP, which is what
-    # ImageNet, COCO and OpenImages hold. Pillow itself refuses images over
-    # 2 x PIL.Image.MAX_IMAGE_PIXELS, whatever this says (that skip says so).
+    # 268 MB of RGB per decode, and room for any camera photo up to 89 MP (COCO images are at
+    # most 640 px a side; ImageNet and OpenImages hold ordinary camera photos). Pillow itself
+    # refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS, whatever this says (that skip says so).
     _C.INPUT.PRETRAIN.MAX_IMAGE_PIXELS = 89_478_485
     # Abort when the first this-many images a loader worker tries are all unreadable (nothing
     # can be read: the data, not a few files, is broken), or when every file of the data set
