@@ -117,8 +117,19 @@ def add_insloc_detco_config(cfg):
     # Decoded images are first resized so that the shorter side is at most this (0: never).
     # Saves work on very large photos; ImageNet images are already below it.
     _C.INPUT.PRETRAIN.MAX_DECODE_SIZE = 0
-    # Abort after this many unreadable images in a row in one loader worker: the data is broken.
-    _C.INPUT.PRETRAIN.MAX_CONSECUTIVE_FAILURES = 100
+    # Images that would decode to more pixels (width x height from the header, after the JPEG
+    # draft reduction of MAX_DECODE_SIZE) are skipped and counted, before decoding, whatever
+    # their format (0: no cap). The default is Pillow's own decompression-bomb threshold, written
+    # out so that it does not depend on the process-wide PIL.Image.MAX_IMAGE_PIXELS: at most
+    # 268 MB of RGB per decode, and room for any camera photo up to 89 MP (COCO images are at
+    # most 640 px a side; ImageNet and OpenImages hold ordinary camera photos). Pillow itself
+    # refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS, whatever this says (that skip says so).
+    _C.INPUT.PRETRAIN.MAX_IMAGE_PIXELS = 89_478_485
+    # Abort when the first this-many images a loader worker tries are all unreadable (nothing
+    # can be read: the data, not a few files, is broken), or when every file of the data set
+    # has been found unreadable. After one good image, failures are only skipped and counted.
+    # A corpus with a readable fraction f aborts by chance with probability (1 - f)^N.
+    _C.INPUT.PRETRAIN.MAX_CONSECUTIVE_FAILURES = 1000
 
     # InsLoc copy-paste compositor.
     _C.INPUT.PRETRAIN.COPY_PASTE = CN()

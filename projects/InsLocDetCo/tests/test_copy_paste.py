@@ -106,10 +106,12 @@ def test_dataset_backgrounds(flat_images):
 def test_batch_backgrounds(flat_images):
     torch.manual_seed(0)
     mapper = make_mapper(flat_images, "INPUT.PRETRAIN.COPY_PASTE.BACKGROUND", "batch")
-    assert mapper.background_files is None  # no dataset access: no extra decode
-    for _ in range(3):
+    reads, read = [], mapper.read
+    mapper.read = lambda name: reads.append(name) or read(name)
+    for i in range(3):
         dicts = flat_images[:4]
         batch = mapper.collate([mapper(d) for d in dicts])
+        assert reads == [d["file_name"] for d in dicts] * (i + 1)  # no extra decode
         batch_colours = {tuple(COLOURS[d["image_id"]]) for d in dicts}
         for d, out in zip(dicts, batch):
             assert set(out) >= {"view_q", "box_q", "view_k", "box_k"}

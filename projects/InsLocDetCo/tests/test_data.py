@@ -152,7 +152,7 @@ def test_mapper_raises_when_everything_is_broken(cfg_loader, image_dir):
     paths = list(bad.values())
     assert mapper({"file_name": paths[0], "image_id": 0}) is None
     assert mapper({"file_name": paths[1], "image_id": 0}) is None
-    with pytest.raises(RuntimeError, match="unreadable images in a row"):
+    with pytest.raises(RuntimeError, match="first 3 images tried were all unreadable"):
         mapper({"file_name": paths[2], "image_id": 0})
 
 

@@ -9,6 +9,7 @@ from .mapper import (
     PRETRAIN_MAPPER_REGISTRY,
     MoCoV2Mapper,
     PretrainDatasetMapper,
+    UnreadableDatasetError,
     build_pretrain_mapper,
 )
-from .reading import UnreadableImageError, read_rgb_image
+from .reading import ImageTooLargeError, UnreadableImageError, read_rgb_image

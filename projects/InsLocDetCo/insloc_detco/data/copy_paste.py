@@ -22,7 +22,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.data.common import DatasetFromList
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -107,7 +106,6 @@ class CopyPasteMapper(PretrainDatasetMapper):
         copy_paste: bool,
         photometric: Optional[PhotometricAugmentation],
         view_crop: Optional[v2.Transform] = None,
-        background_files: Optional[DatasetFromList] = None,
         **kwargs,
     ):
         """
@@ -120,15 +118,15 @@ class CopyPasteMapper(PretrainDatasetMapper):
             photometric: colour augmentation and box-aware flip of each composite, here in the
                 loader; None when the model applies it on the training device.
             view_crop: the RandomResizedCrop of the plain views (``copy_paste=False``).
-            background_files: file names to draw "dataset" backgrounds from.
-            kwargs: see :class:`PretrainDatasetMapper`.
+            kwargs: see :class:`PretrainDatasetMapper`; "dataset" backgrounds are drawn from
+                its ``file_names``.
         """
         super().__init__(**kwargs)
         assert background in ("dataset", "batch"), f"unknown background source '{background}'"
         if copy_paste:
             assert paste_size[1] <= canvas_size, "the pasted instance must fit inside the canvas"
         if copy_paste and background == "dataset":
-            assert background_files, "'dataset' backgrounds need the dataset's file names"
+            assert self.file_names, "'dataset' backgrounds need the dataset's file names"
         self.canvas_size = canvas_size
         self.crop_scale = tuple(crop_scale)
         self.crop_ratio = tuple(crop_ratio)
@@ -137,7 +135,6 @@ class CopyPasteMapper(PretrainDatasetMapper):
         self.copy_paste = copy_paste
         self.photometric = photometric
         self.view_crop = view_crop
-        self.background_files = background_files
 
     @classmethod
     def from_config(cls, cfg, dataset_dicts: Optional[List[Dict]] = None):
@@ -153,11 +150,6 @@ class CopyPasteMapper(PretrainDatasetMapper):
             photometric=None if photometric_on_device(cfg) else PhotometricAugmentation(cfg),
             view_crop=build_view_crop(cfg, cp.CANVAS_SIZE),
         )
-        if dataset_dicts and cp.BACKGROUND == "dataset":
-            # Serialised like detectron2's own record list, so that loader workers do not copy
-            # a million Python strings on access (copy-on-write through reference counts).
-            files = [d["file_name"] for d in dataset_dicts]
-            ret["background_files"] = DatasetFromList(files, copy=False, serialize=True)
         return ret
 
     def make_views(self, image: torch.Tensor, dataset_dict: Dict) -> Dict:
@@ -211,20 +203,13 @@ class CopyPasteMapper(PretrainDatasetMapper):
 
     def dataset_backgrounds(self, own_file: Optional[str]) -> List[torch.Tensor]:
         """
-        Two different random decodable images of the data set, neither of them ``own_file``
-        (when the data set has more than two images), each resized to the canvas.
+        Two different random readable images of the data set, neither of them ``own_file``
+        (as long as the data set has enough readable images), each resized to the canvas.
+        Unreadable ones are counted as skipped, like samples.
         """
-        num = len(self.background_files)
-        names, backgrounds = [], []
-        while len(backgrounds) < 2:
-            name = self.background_files[_randint(0, num)]
-            if num > 2 and (name == own_file or name in names):
-                continue
-            image = self.read(name)  # unreadable ones are counted as skipped, like samples
-            if image is not None:
-                names.append(name)
-                backgrounds.append(self.resize(image))
-        return backgrounds
+        _, first, image_q = self.read_random(exclude={own_file})
+        _, _, image_k = self.read_random(exclude={own_file, first})
+        return [self.resize(image_q), self.resize(image_k)]
 
     def finish_view(
         self, canvas: torch.Tensor, box: torch.Tensor

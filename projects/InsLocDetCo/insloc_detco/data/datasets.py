@@ -59,18 +59,56 @@ def _check_nonempty(files: List[str], name: str, source: str) -> List[str]:
 
 
 def list_image_folder(root: str) -> List[str]:
-    """All image files under ``root`` (recursively), sorted for a deterministic order."""
+    """
+    All image files under ``root`` (recursively, following symbolic links), sorted for a
+    deterministic order. Each real file is listed once: a folder reached again (a link loop
+    such as ``sub/up -> ..``, or two links to one folder) is not walked again, a file reached
+    through several links keeps its first path, and dangling links are left out; what is left
+    out is counted in the log. Only folders and links are resolved, so that listing a large
+    folder costs no extra system call per plain file.
+    """
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"Image folder '{root}' does not exist. Set $DETECTRON2_DATASETS or fix the path."
         )
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        files.extend(
-            os.path.join(dirpath, f)
-            for f in sorted(filenames)
-            if f.lower().endswith(IMAGE_EXTENSIONS)
+    files, seen = [], set()  # `seen`: resolved paths of the folders and files listed
+    num_dirs, num_files, num_dangling = 0, 0, 0
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        real_folder = os.path.realpath(folder)
+        if real_folder in seen:
+            num_dirs += 1
+            continue
+        seen.add(real_folder)
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            logger.warning(f"Folder {root}: cannot list {folder}, skipped: {e}")
+            continue
+        subfolders = []
+        for e in entries:
+            if e.is_dir():  # follows links
+                subfolders.append(e.path)
+            elif not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            elif e.is_symlink() and not e.is_file():
+                num_dangling += 1
+            else:
+                link = e.is_symlink()
+                real = os.path.realpath(e.path) if link else os.path.join(real_folder, e.name)
+                if real in seen:
+                    num_files += 1
+                else:
+                    seen.add(real)
+                    files.append(e.path)
+        stack.extend(reversed(subfolders))  # depth first, in name order
+    if num_dirs or num_files or num_dangling:
+        logger.warning(
+            f"Folder {root}: left out {num_files} image paths and {num_dirs} folders reached a "
+            f"second time through symbolic links, and {num_dangling} dangling links. Each real "
+            "file is listed once."
         )
     return files
 

@@ -1,16 +1,20 @@
 """Robust image decoding for unlabeled pretraining data.
 
-Real crawls contain corrupt files, grayscale, CMYK, palette and alpha images, and thumbnails.
-:func:`read_rgb_image` converts what can be converted and raises :class:`UnreadableImageError`
-for the rest, so that the mapper can skip the image and count it.
+Real crawls contain corrupt files, grayscale, CMYK, palette and alpha images, thumbnails and
+the occasional huge scan. :func:`read_rgb_image` converts what can be converted and raises
+:class:`UnreadableImageError` for the rest (:class:`ImageTooLargeError` for images over the
+pixel cap, found from the header before anything is decoded), so that the mapper can skip the
+image and count it.
 """
+import warnings
+
 import numpy as np
 import torch
 from detectron2.data.detection_utils import _apply_exif_orientation
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-__all__ = ["UnreadableImageError", "read_rgb_image"]
+__all__ = ["UnreadableImageError", "ImageTooLargeError", "read_rgb_image"]
 
 # Alpha is composited on mid-gray rather than dropped: dropping exposes whatever colour the
 # transparent pixels happen to store (often black or noise).
@@ -21,7 +25,13 @@ class UnreadableImageError(Exception):
     """The file could not be turned into a usable RGB image."""
 
 
-def read_rgb_image(file_name: str, min_size: int = 1, max_size: int = 0) -> torch.Tensor:
+class ImageTooLargeError(UnreadableImageError):
+    """The image has more pixels than the caller's cap (or Pillow's own bomb limit)."""
+
+
+def read_rgb_image(
+    file_name: str, min_size: int = 1, max_size: int = 0, max_pixels: int = 0
+) -> torch.Tensor:
     """
     Decode an image file into an RGB tensor.
 
@@ -30,21 +40,42 @@ def read_rgb_image(file_name: str, min_size: int = 1, max_size: int = 0) -> torc
         min_size: images whose shorter side is smaller are rejected.
         max_size: if > 0, images whose shorter side is larger are downscaled to it while
             decoding (JPEG draft mode, then a resize): pretraining crops never need more.
+        max_pixels: if > 0, images that would decode to more than this many pixels (width x
+            height from the header, after the JPEG draft reduction) are rejected before
+            decoding, whatever their format.
 
     Returns:
         uint8 tensor of shape (3, H, W), RGB, EXIF orientation applied.
 
     Raises:
+        ImageTooLargeError: over ``max_pixels``, or over Pillow's process-wide limit
+            (2 x ``PIL.Image.MAX_IMAGE_PIXELS``, checked by ``Image.open`` itself).
         UnreadableImageError: corrupt, truncated, unsupported or too small.
     """
     try:
         with PathManager.open(file_name, "rb") as f:
-            image = Image.open(f)
+            with warnings.catch_warnings():
+                # Pillow warns above PIL.Image.MAX_IMAGE_PIXELS; `max_pixels` is what decides.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(f)  # reads the header only
             if max_size > 0 and image.format == "JPEG":
                 image.draft("RGB", (max_size, max_size))
-            image = _apply_exif_orientation(image)
-            image = _to_rgb(image)
+            w, h = image.size  # what load() would decode
+            if max_pixels > 0 and w * h > max_pixels:
+                raise ImageTooLargeError(
+                    f"{file_name}: {w}x{h} = {w * h} pixels is over the cap of {max_pixels}"
+                )
+            # Decode now: reading the EXIF of a PNG decodes it too, and detectron2's
+            # _apply_exif_orientation swallows that error, which would leave a corrupt image
+            # silently black.
             image.load()
+            image = _to_rgb(_apply_exif_orientation(image))
+    except UnreadableImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(
+            f"{file_name}: {e} (Pillow's process-wide limit, 2 x PIL.Image.MAX_IMAGE_PIXELS)"
+        ) from e
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise UnreadableImageError(f"{file_name}: {type(e).__name__}: {e}") from e
     w, h = image.size
