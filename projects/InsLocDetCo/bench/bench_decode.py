@@ -5,10 +5,11 @@ JPEG decoding throughput for pretraining, as ratios to PIL's full decode in the 
     python bench/bench_decode.py --data jpeg:256                 # CPU decoders
     python bench/bench_decode.py --data jpeg:256 --device cuda   # + nvjpeg, batched
 
-Per image, one thread (what one loader worker does): PIL full decode (what the mapper does
-with ``MAX_DECODE_SIZE`` 0), PIL with JPEG draft mode at the view size (``MAX_DECODE_SIZE``
-224: DCT-domain downscaling, only when the image is at least twice the view), and
-``torchvision.io.decode_jpeg`` on the CPU (libjpeg-turbo). On a GPU: ``decode_jpeg(...,
+Per image, one thread (what one loader worker does): Pillow's full decode, the mappers' reader
+``read_rgb_image`` (torchvision's decoder for baseline JPEGs since this benchmark), Pillow with
+JPEG draft mode at the view size (``MAX_DECODE_SIZE`` 224: DCT-domain downscaling, only when
+the image is at least twice the view), and ``torchvision.io.decode_jpeg`` on the CPU
+(libjpeg-turbo). On a GPU: ``decode_jpeg(...,
 device="cuda")`` on batches of file bytes (nvjpeg), where a loader worker would only read bytes.
 """
 import argparse
@@ -16,8 +17,10 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torchvision.io import ImageReadMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,6 +29,13 @@ from bench_e2e import write_jpeg_folder  # noqa: E402
 
 from insloc_detco.data import get_pretrain_dataset_dicts  # noqa: E402
 from insloc_detco.data.reading import read_rgb_image  # noqa: E402
+
+
+def pillow_decode(file_name: str) -> torch.Tensor:
+    """What the mappers' reader did before it used torchvision for baseline JPEGs."""
+    with Image.open(file_name) as image:
+        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def per_image_rate(fn, files, repeats=2) -> float:
@@ -53,7 +63,8 @@ def main():
     files = [d["file_name"] for d in get_pretrain_dataset_dicts(args.data)]
     datas = {f: open(f, "rb").read() for f in files}
     rows = [
-        ("PIL full decode", lambda f: read_rgb_image(f)),
+        ("Pillow decode -> (3, H, W) tensor", pillow_decode),
+        ("read_rgb_image (the mappers' reader)", lambda f: read_rgb_image(f)),
         (f"PIL draft mode (MAX_DECODE_SIZE {args.view_size})",
          lambda f: read_rgb_image(f, max_size=args.view_size)),
         ("torchvision decode_jpeg, CPU", lambda f: torchvision.io.decode_jpeg(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.utils.events import EventStorage
-from PIL import Image
+from PIL import Image, ImageOps
 
 from insloc_detco.data import (
     MoCoV2Mapper,
@@ -78,6 +78,27 @@ def test_read_keeps_rgb_channel_order(tmp_path):
     red[..., 0] = 255
     img = read_rgb_image(_save(tmp_path / "red.png", red))
     assert img[0].min() == 255 and img[1].max() == 0 and img[2].max() == 0
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_fast_path_equals_pillow_and_applies_exif(tmp_path, mode):
+    """Baseline JPEGs go through torchvision's decoder: Pillow's pixels, EXIF rotation kept."""
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 255, (30, 44, 3), dtype=np.uint8)
+    image = Image.fromarray(array).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = str(tmp_path / "rotated.jpg")
+    image.save(path, quality=92, exif=exif)
+    with Image.open(path) as im:
+        expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    out = read_rgb_image(path)
+    assert out.shape == (3, 44, 30)  # rotated
+    assert torch.equal(out, torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(open(path, "rb").read()[:-200])
+    with pytest.raises(UnreadableImageError):
+        read_rgb_image(str(truncated))
 
 
 def test_read_rejects_bad_files(image_dir):

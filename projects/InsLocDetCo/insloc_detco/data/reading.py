@@ -5,7 +5,15 @@ the occasional huge scan. :func:`read_rgb_image` converts what can be converted 
 :class:`UnreadableImageError` for the rest (:class:`ImageTooLargeError` for images over the
 pixel cap, found from the header before anything is decoded), so that the mapper can skip the
 image and count it.
+
+Baseline JPEGs in RGB or grayscale (most of ImageNet and COCO) are decoded by
+``torchvision.io.decode_jpeg`` (libjpeg-turbo straight into a (3, H, W) tensor, bit-identical to
+Pillow's pixels): 2.0-2.4x Pillow's decode and copy on ImageNet-sized photos, one thread
+(``bench/bench_decode.py``: 1,422 vs 705 img/s on an H100 machine's core, 1,800 vs 740 on our
+2-core CPU). Everything else, and JPEGs that Pillow's draft mode shrinks while decoding
+(``max_size``), goes through Pillow.
 """
+import io
 import warnings
 
 import numpy as np
@@ -13,6 +21,8 @@ import torch
 from detectron2.data.detection_utils import _apply_exif_orientation
 from detectron2.utils.file_io import PathManager
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
 
 __all__ = ["UnreadableImageError", "ImageTooLargeError", "read_rgb_image"]
 
@@ -54,22 +64,31 @@ def read_rgb_image(
     """
     try:
         with PathManager.open(file_name, "rb") as f:
-            with warnings.catch_warnings():
-                # Pillow warns above PIL.Image.MAX_IMAGE_PIXELS; `max_pixels` is what decides.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(f)  # reads the header only
-            if max_size > 0 and image.format == "JPEG":
-                image.draft("RGB", (max_size, max_size))
-            w, h = image.size  # what load() would decode
-            if max_pixels > 0 and w * h > max_pixels:
-                raise ImageTooLargeError(
-                    f"{file_name}: {w}x{h} = {w * h} pixels is over the cap of {max_pixels}"
-                )
-            # Decode now: reading the EXIF of a PNG decodes it too, and detectron2's
-            # _apply_exif_orientation swallows that error, which would leave a corrupt image
-            # silently black.
-            image.load()
-            image = _to_rgb(_apply_exif_orientation(image))
+            data = f.read()
+        with warnings.catch_warnings():
+            # Pillow warns above PIL.Image.MAX_IMAGE_PIXELS; `max_pixels` is what decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+        full_size = image.size
+        if max_size > 0 and image.format == "JPEG":
+            image.draft("RGB", (max_size, max_size))
+        w, h = image.size  # what decoding gives
+        if max_pixels > 0 and w * h > max_pixels:
+            raise ImageTooLargeError(
+                f"{file_name}: {w}x{h} = {w * h} pixels is over the cap of {max_pixels}"
+            )
+        if image.format == "JPEG" and image.mode in ("RGB", "L") and image.size == full_size:
+            tensor = decode_jpeg(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                mode=ImageReadMode.RGB,
+                apply_exif_orientation=True,
+            )
+            return _check_and_cap_size(tensor, file_name, min_size, max_size)
+        # Decode now: reading the EXIF of a PNG decodes it too, and detectron2's
+        # _apply_exif_orientation swallows that error, which would leave a corrupt image
+        # silently black.
+        image.load()
+        image = _to_rgb(_apply_exif_orientation(image))
     except UnreadableImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -78,14 +97,21 @@ def read_rgb_image(
         ) from e
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise UnreadableImageError(f"{file_name}: {type(e).__name__}: {e}") from e
-    w, h = image.size
+    array = np.asarray(image, dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return _check_and_cap_size(tensor, file_name, min_size, max_size)
+
+
+def _check_and_cap_size(image: torch.Tensor, file_name: str, min_size: int, max_size: int):
+    """Reject a (3, H, W) image under ``min_size``; shrink one over ``max_size`` (shorter side)."""
+    h, w = image.shape[-2:]
     if min(w, h) < min_size:
         raise UnreadableImageError(f"{file_name}: {w}x{h} is smaller than {min_size} pixels")
     if max_size > 0 and min(w, h) > max_size:
         scale = max_size / min(w, h)
-        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        size = [max(1, round(h * scale)), max(1, round(w * scale))]
+        image = TF.resize(image, size, antialias=True)
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
