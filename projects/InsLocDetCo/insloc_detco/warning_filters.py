@@ -8,9 +8,14 @@ modules are ignored; any other warning, and these from our own code, still shows
 ``setup_logging``, reaches ``log.txt`` with a timestamp). Installed by ``insloc_detco/__init__``
 before anything imports detectron2.
 """
+import logging
 import warnings
 
-__all__ = ["KNOWN_THIRD_PARTY_WARNINGS", "ignore_known_third_party_warnings"]
+__all__ = [
+    "KNOWN_THIRD_PARTY_WARNINGS",
+    "KNOWN_THIRD_PARTY_LOG_RECORDS",
+    "ignore_known_third_party_warnings",
+]
 
 # (message regex, category, module regex of the code the warning is attributed to)
 KNOWN_THIRD_PARTY_WARNINGS = (
@@ -22,6 +27,28 @@ KNOWN_THIRD_PARTY_WARNINGS = (
 )
 
 
+# (logger, start of the message) of torch's own log warnings that are noise here.
+KNOWN_THIRD_PARTY_LOG_RECORDS = (
+    # Logged when detectron2 asks whether the model is being traced (its ROI pooler does).
+    ("torch.fx._symbolic_trace", "is_fx_tracing will return true"),
+    # Logged on a machine without CUDA when detectron2 collects its environment information.
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
+)
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 def ignore_known_third_party_warnings():
     for message, category, module in KNOWN_THIRD_PARTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, prefix in KNOWN_THIRD_PARTY_LOG_RECORDS:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropRecords) and f.prefix == prefix for f in lg.filters):
+            lg.addFilter(_DropRecords(prefix))

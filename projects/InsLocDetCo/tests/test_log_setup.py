@@ -7,6 +7,7 @@ import pytest
 
 from insloc_detco.engine import setup_logging
 from insloc_detco.warning_filters import (
+    KNOWN_THIRD_PARTY_LOG_RECORDS,
     KNOWN_THIRD_PARTY_WARNINGS,
     ignore_known_third_party_warnings,
 )
@@ -40,11 +41,17 @@ def test_our_lines_and_warnings_reach_log_txt_as_plain_text(logs, capsys):
         warnings.warn("Skipping unreadable image x.jpg", UserWarning)
     yaml = "\x1b[38;5;204mSOLVER\x1b[39m\x1b[38;5;255m:\x1b[39m"  # what detectron2 logs
     logging.getLogger("detectron2").info("Running with full config:\n" + yaml)
+    model = "Model:\nMoCoV2(\n" + "  (layer): Conv2d()\n" * 30 + ")\nParameters: 1.0M trained"
+    logging.getLogger("insloc_detco.engine.trainer").info(model)
     text = _read(os.path.join(logs, "log.txt"))
     assert "insloc_detco.data.build INFO: Pretraining on 18 images" in text
     assert "py.warnings WARNING" in text and "Skipping unreadable image x.jpg" in text
     assert "Running with full config:\nSOLVER:" in text and "\x1b" not in text
-    assert "\x1b" not in capsys.readouterr().out  # the console is not a terminal here
+    assert model in text  # in full in the file
+    console = capsys.readouterr().out
+    assert "\x1b" not in console  # the console is not a terminal here
+    assert "Model: MoCoV2( ... ) 33 lines, in log.txt. Parameters: 1.0M trained" in console
+    assert "(layer)" not in console
 
 
 def test_errors_of_other_ranks_reach_the_console_and_log_txt(logs, capfd):
@@ -75,3 +82,13 @@ def test_only_the_known_third_party_warnings_are_ignored():
     assert [(str(w.message), w.filename) for w in caught] == [
         (text, "ours.py"), ("something else", "_script.py")
     ]
+
+
+def test_only_the_known_third_party_log_records_are_dropped(caplog):
+    ignore_known_third_party_warnings()
+    name, prefix = KNOWN_THIRD_PARTY_LOG_RECORDS[0]
+    with caplog.at_level(logging.WARNING, logger=name):
+        logging.getLogger(name).warning(prefix + " for both fx.symbolic_trace and torch.export.")
+        logging.getLogger(name).warning("another message")
+        logging.getLogger("insloc_detco.x").warning(prefix + " (ours)")
+    assert [r.getMessage() for r in caplog.records] == ["another message", prefix + " (ours)"]

@@ -56,6 +56,8 @@ def test_log_is_readable(single_run):
         assert line in log and line.split(": ", 1)[-1] in console, line
     assert "\x1b" not in log and "\x1b" not in console  # no colour codes in files or pipes
     assert log.count("(res5)") == 1  # the model once: encoder_k is named, not printed again
+    assert "(res5)" not in console and "Model: MoCoV2( ... )" in console  # a line there
+    assert "Running with full config: " in console and "ANCHOR_GENERATOR" not in console
     assert "Warning" not in console  # the known third-party warnings are filtered
 
 

@@ -67,12 +67,13 @@ def verify_checksum(path: str) -> Optional[bool]:
     Compare ``path`` with the SHA-256 recorded in ``<path>.sha256`` when it was saved.
 
     Returns:
-        True if it matches, None if there is no ``.sha256`` (nothing to verify).
+        True if it matches, None if there is no ``.sha256`` (nothing to verify) or ``path`` is
+        not a local file (URLs are not probed for one).
     Raises:
         CorruptCheckpointError: the file is missing, or differs from what was saved.
     """
     sidecar = checksum_path(path)
-    if not PathManager.exists(sidecar):
+    if not _is_local(path) or not PathManager.exists(sidecar):
         return None
     if not PathManager.isfile(path):
         raise CorruptCheckpointError(f"Checkpoint '{path}' does not exist (only its {sidecar}).")

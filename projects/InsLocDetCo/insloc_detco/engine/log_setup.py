@@ -4,9 +4,11 @@ detectron2's ``default_setup`` sets up its own and fvcore's loggers only: our IN
 set size, schedule, curves, weights written) went nowhere, and warnings reached stderr without a
 timestamp and never reached ``log.txt``. It also writes the config dumps with terminal colour
 codes, into ``log.txt`` too, and only rank 0 logs to the console: an exception on another rank
-stayed in ``log.txt.rank<k>``.
+stayed in ``log.txt.rank<k>``. The full config (~400 lines) and the model (~300-500 lines) made
+most of the console output; they stay in ``log.txt``, the console names them in a line.
 """
 import contextlib
+import copy
 import functools
 import logging
 import os
@@ -33,6 +35,7 @@ def setup_logging(output_dir: str, rank: int = 0):
       timestamp) go to the console on rank 0 and to ``<output_dir>/log.txt``
       (``log.txt.rank<k>`` on rank k), as detectron2 does for its own.
     * No ANSI colour codes in files, nor on a console that is not a terminal.
+    * On the console, the full config and the model are a line each (they are in ``log.txt``).
     * On ranks > 0, errors (an exception's traceback) also go to the console (stderr) and to
       rank 0's ``log.txt``.
     """
@@ -43,6 +46,8 @@ def setup_logging(output_dir: str, rank: int = 0):
     setup_logger(output_dir, distributed_rank=rank, name="py.warnings", abbrev_name="warnings")
     for name in _LOGGERS:
         for handler in logging.getLogger(name).handlers:
+            if getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+                _wrap(handler, _ConsoleSummary)
             strip_colour_codes(handler)
     if rank > 0:
         _errors_to_main_log(output_dir, rank)
@@ -55,7 +60,12 @@ def strip_colour_codes(handler: logging.Handler):
         return
     if hasattr(stream, "isatty") and stream.isatty():
         return
-    handler.setFormatter(_PlainText(handler.formatter or logging.Formatter()))
+    _wrap(handler, _PlainText)
+
+
+def _wrap(handler: logging.Handler, wrapper):
+    if not isinstance(handler.formatter, wrapper):
+        handler.setFormatter(wrapper(handler.formatter or logging.Formatter()))
 
 
 @contextlib.contextmanager
@@ -75,6 +85,28 @@ class _PlainText(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return _ANSI.sub("", self.inner.format(record))
+
+
+class _ConsoleSummary(logging.Formatter):
+    """The full config and the model printout as one line each; other records unchanged."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        lines = message.count("\n")
+        if lines > 20 and message.startswith("Running with full config:"):
+            short = f"Running with full config: {lines} lines, in log.txt and config.yaml."
+        elif lines > 20 and message.startswith("Model:\n"):
+            body = message.splitlines()
+            short = f"Model: {body[1]} ... ) {lines} lines, in log.txt. {body[-1]}"
+        else:
+            return self.inner.format(record)
+        record = copy.copy(record)
+        record.msg, record.args = short, None
+        return self.inner.format(record)
 
 
 @functools.lru_cache()  # once per process and folder
