@@ -27,8 +27,10 @@ def logs(tmp_path):
 
 
 def _read(path):
-    for h in logging.getLogger("detectron2").handlers + logging.getLogger("insloc_detco").handlers:
-        h.flush()
+    for name in ("detectron2", "insloc_detco", "py.warnings"):
+        for h in logging.getLogger(name).handlers:
+            if not getattr(getattr(h, "stream", None), "closed", False):  # other tests' stdout
+                h.flush()
     with open(path) as f:
         return f.read()
 

@@ -119,8 +119,8 @@ def plot_metrics(metrics_file: str, out_file: str, queue_sizes: Sequence[int] = 
         for i, size in enumerate(sorted(set(sizes))):
             chance = math.log(size + 1)
             label = f"chance: ln(K+1) = {chance:.2f}, K = {size} (a term of weight w: w·ln(K+1))"
-            ax.axhline(chance, color="k", linestyle="--", linewidth=1, alpha=0.7 - 0.2 * i,
-                       label=label)  # fmt: skip
+            style = ("--", ":", "-.")[i % 3]
+            ax.axhline(chance, color="k", linestyle=style, linewidth=1, alpha=0.7, label=label)
         ax.set_xlabel("iteration")
         ax.set_title(title)
         ax.grid(alpha=0.3)

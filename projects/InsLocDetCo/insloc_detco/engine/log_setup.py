@@ -58,9 +58,16 @@ def strip_colour_codes(handler: logging.Handler):
     stream = getattr(handler, "stream", None)
     if stream is None or isinstance(handler.formatter, _PlainText):
         return
-    if hasattr(stream, "isatty") and stream.isatty():
+    if _is_terminal(stream):
         return
     _wrap(handler, _PlainText)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
 
 
 def _wrap(handler: logging.Handler, wrapper):

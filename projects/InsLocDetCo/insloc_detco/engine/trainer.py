@@ -42,7 +42,10 @@ _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__fil
 class DeviceAgnosticTrainer(DefaultTrainer):
     """
     ``DefaultTrainer`` whose DDP wrapper also works for CPU models (several gloo processes),
-    where detectron2 would pass a CUDA device id. Used for pretraining and fine-tuning.
+    where detectron2 would pass a CUDA device id; with checkpoints that are verified, resumed
+    past damage and pruned (``insloc_detco.checkpoint``), a start-up summary (model, schedule,
+    checkpoint disk use), and no evaluation after a failure. Used for pretraining and
+    fine-tuning.
     """
 
     def __init__(self, cfg):
@@ -78,8 +81,8 @@ class DeviceAgnosticTrainer(DefaultTrainer):
     def build_model(cls, cfg):
         """
         detectron2's ``build_model``; the log names the momentum encoder instead of printing
-        the model twice, and contrastive queues start identical on every rank (as DDP makes
-        the parameters; it leaves buffers alone here).
+        the model twice, and contrastive queues start identical on every rank, as DDP makes
+        the parameters (whether DDP also syncs buffers depends on the torch version).
         """
         model = build_model(cfg)
         logger.info(describe_model(model))
@@ -143,6 +146,9 @@ class PretrainTrainer(DeviceAgnosticTrainer):
         return ret
 
 
+_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
+
+
 def create_ddp_model_any_device(model, **kwargs):
     """
     detectron2's ``create_ddp_model``, with no CUDA device id for a CPU model. Where torch has
@@ -155,9 +161,6 @@ def create_ddp_model_any_device(model, **kwargs):
     if "broadcast_buffers" in kwargs and "forward_sync_buffers" in _DDP_ARGS:
         kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")
     return create_ddp_model(model, **kwargs)
-
-
-_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def _max_to_keep(cfg) -> int:

@@ -81,9 +81,9 @@ def broadcast_queues(model: nn.Module, src: int = 0) -> int:
     """
     Make every :class:`ContrastiveQueue` of ``model`` (keys and write position) a copy of rank
     ``src``'s, as DDP does for the parameters when it wraps a model. Without it each rank starts
-    from its own random keys (our trainers wrap with ``broadcast_buffers=False``, which leaves
-    buffers alone), and the ranks' negatives differ until the queue has been overwritten once.
-    A no-op with one process; every rank must call it.
+    from its own random keys (DDP with ``broadcast_buffers=False`` leaves buffers alone), and
+    the ranks' negatives differ until the queue has been overwritten once. A no-op with one
+    process; every rank must call it.
 
     Returns:
         the number of queues.
