@@ -1,4 +1,6 @@
 """The training engine on several processes: queues, start-up summaries, hooks after a failure."""
+import os
+
 import torch
 from conftest import load_config
 from detectron2.engine import HookBase, hooks
@@ -39,8 +41,19 @@ def _queues_identical_worker(out):
     queues = [m for m in trainer.model.modules() if isinstance(m, ContrastiveQueue)]
     assert queues and all(same_on_all_ranks(q.keys) for q in queues), "queues differ"
 
+    # --resume past a truncated last checkpoint: every rank resumes from the same older one.
+    if comm.is_main_process():
+        for trainer.iter in (3, 5):
+            trainer.checkpointer.save(f"model_{trainer.iter:07d}")
+        with open(os.path.join(out, "model_0000005.pth"), "r+b") as f:
+            f.truncate(1000)
+    comm.synchronize()
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 4
+    assert same_on_all_ranks(torch.tensor([trainer.start_iter]))
 
-def test_queues_start_identical_on_every_rank(tmp_path):
+
+def test_queues_start_identical_and_resume_agrees_on_every_rank(tmp_path):
     run_distributed(_queues_identical_worker, 2, args=(str(tmp_path),))
 
 
