@@ -146,9 +146,6 @@ class PretrainTrainer(DeviceAgnosticTrainer):
         return ret
 
 
-_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
-
-
 def create_ddp_model_any_device(model, **kwargs):
     """
     detectron2's ``create_ddp_model``, with no CUDA device id for a CPU model. Where torch has
@@ -158,7 +155,8 @@ def create_ddp_model_any_device(model, **kwargs):
     """
     if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
         kwargs.setdefault("device_ids", None)
-    if "broadcast_buffers" in kwargs and "forward_sync_buffers" in _DDP_ARGS:
+    ddp_args = inspect.signature(DistributedDataParallel.__init__).parameters
+    if "broadcast_buffers" in kwargs and "forward_sync_buffers" in ddp_args:
         kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")
     return create_ddp_model(model, **kwargs)
 
