@@ -106,6 +106,7 @@ def save_checkpoint_file(obj: Any, path: str):
             torch.save(obj, f)
         return
     folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
     _remove_stale_temporaries(path)
     tmp = f"{path}{_TMP_MARK}{os.getpid()}"
     try:
