@@ -51,6 +51,12 @@ def merge_opts_scaling_lr(cfg, opts: Sequence[str]) -> Optional[str]:
     if batch == recipe_batch:
         return None
     change = f"SOLVER.IMS_PER_BATCH {batch} instead of the config file's {recipe_batch}"
+    reference = cfg.SOLVER.get("REFERENCE_WORLD_SIZE", 0)
+    if reference:
+        change += (
+            f" (the total over REFERENCE_WORLD_SIZE={reference} processes: on another number, "
+            "detectron2 scales batch and lr again, keeping the lr per image)"
+        )
     if "SOLVER.BASE_LR" in opts[0::2]:
         return f"{change}, with SOLVER.BASE_LR {lr:g} as given."
     if not enabled:
