@@ -31,5 +31,9 @@ demo: setup
 bench: setup
 	$(PY) $(PROJECT)/bench/bench_pretrain.py
 
+# What `make demo`, `make bench` and the README's commands create: run outputs and the generated
+# demo_det set, at the root and in $(PROJECT) (where the README's commands run). Other data sets
+# under datasets/ are yours: kept (the folder goes only if it is then empty).
 clean:
-	rm -rf output
+	rm -rf output $(PROJECT)/output datasets/demo_det $(PROJECT)/datasets/demo_det
+	rmdir datasets $(PROJECT)/datasets 2>/dev/null || true

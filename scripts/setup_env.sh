@@ -13,15 +13,21 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
-"$VPY" -m pip install -q --upgrade "pip>=23" >/dev/null
+PIP_LOG="$VENV/setup-pip.log"
+: >"$PIP_LOG"  # this run only
+
+# pip_install: pip with progress lines instead of minutes of silence (full output in $PIP_LOG).
+source scripts/pip_install.sh
+
+pip_install "upgrading pip" --upgrade "pip>=23"
 
 if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
-  echo "[setup] installing $TORCH_SPEC"
-  "$VPY" -m pip install -q $TORCH_SPEC
+  pip_install "installing $TORCH_SPEC (about 1 GB to download on a fresh machine)" $TORCH_SPEC
 fi
 
 # Runtime deps of detectron2 (and ours). setuptools<81 keeps pkg_resources for fvcore/detectron2.
-"$VPY" -m pip install -q "fvcore>=0.1.5" "iopath>=0.1.7" pycocotools "omegaconf>=2.1,<2.4" \
+pip_install "installing detectron2's dependencies, scikit-image, pytest, ruff" \
+  "fvcore>=0.1.5" "iopath>=0.1.7" pycocotools "omegaconf>=2.1,<2.4" \
   "hydra-core>=1.1" yacs termcolor tabulate cloudpickle tqdm tensorboard matplotlib Pillow \
   "setuptools<81" scikit-image pytest ruff
 
@@ -35,9 +41,9 @@ else
   whl=$(ls "$tmp"/sal_detectron2-0.7.2-*.whl | head -n 1)
   # The wheel is pure Python but tagged cp310; retag it so pip accepts it on any Python 3.
   mv "$whl" "$tmp/sal_detectron2-0.7.2-py3-none-any.whl"
-  "$VPY" -m pip install -q --no-deps "$tmp/sal_detectron2-0.7.2-py3-none-any.whl"
+  pip_install "installing detectron2" --no-deps "$tmp/sal_detectron2-0.7.2-py3-none-any.whl"
   rm -rf "$tmp"
 fi
 
-"$VPY" -m pip install -q --no-deps --no-build-isolation -e .
+pip_install "installing this project (editable)" --no-deps --no-build-isolation -e .
 echo "[setup] ready: $VENV ($("$VPY" -c 'import torch, detectron2; print("torch", torch.__version__, "detectron2", detectron2.__version__)'))"

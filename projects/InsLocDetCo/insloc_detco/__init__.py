@@ -1,9 +1,13 @@
 """InsLocDetCo: detection-oriented self-supervised pretraining on detectron2."""
-from . import (
+from .warning_filters import ignore_known_third_party_warnings
+
+ignore_known_third_party_warnings()  # before the imports below load detectron2 and fvcore
+
+from . import (  # noqa: E402
     data,  # noqa: F401  (registers datasets and mappers)
     modeling,  # noqa: F401  (registers meta-architectures)
     transfer,  # noqa: F401  (registers fine-tuning heads and the demo_det data sets)
 )
-from .config import add_insloc_detco_config
+from .config import add_insloc_detco_config  # noqa: E402
 
 __all__ = ["add_insloc_detco_config"]

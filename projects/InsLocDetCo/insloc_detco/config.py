@@ -7,6 +7,8 @@ Symbols in the comments follow the papers: MoCo (He et al. 2020, Chen et al. 202
 """
 from detectron2.config import CfgNode as CN
 
+from .checkpoint.periodic import DEFAULT_MAX_TO_KEEP
+
 
 def add_insloc_detco_config(cfg):
     """Add the pretraining keys to a detectron2 config in place."""
@@ -184,3 +186,11 @@ def add_insloc_detco_config(cfg):
     _C.SOLVER.LOG_PERIOD = 20
     # Write a loss / accuracy curve PNG from metrics.json at every checkpoint and at the end.
     _C.SOLVER.PLOT_CURVES = True
+    # Periodic checkpoints (model_<iter>.pth) kept in OUTPUT_DIR: after each one is written,
+    # all but this many newest are deleted; model_final.pth is always kept. 0 keeps all
+    # (a DetCo checkpoint is ~1.2 GB: one per epoch for 200 epochs would be ~240 GB).
+    _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = DEFAULT_MAX_TO_KEEP
+    # BASE_LR is the config file's lr for the config file's IMS_PER_BATCH: when the command
+    # line changes SOLVER.IMS_PER_BATCH without setting SOLVER.BASE_LR, scale BASE_LR linearly
+    # with the batch (engine/lr_scaling.py). False keeps the config file's BASE_LR.
+    _C.SOLVER.SCALE_LR_WITH_BATCH = True

@@ -10,6 +10,7 @@ from insloc_detco.modeling.contrastive import (
     ContrastiveQueue,
     batch_shuffle,
     batch_unshuffle,
+    broadcast_queues,
     concat_all_gather,
     contrastive_accuracy,
     encode_with_shuffle_bn,
@@ -164,3 +165,9 @@ def _shuffle_bn_worker(per_rank):
 
 def test_shuffle_bn_two_processes():
     run_distributed(_shuffle_bn_worker, 2, args=(3,))
+
+
+def test_broadcast_queues_single_process_is_a_no_op():
+    q = ContrastiveQueue(dim=4, size=6)
+    keys = q.keys.clone()
+    assert broadcast_queues(nn.Sequential(q)) == 1 and torch.equal(q.keys, keys)

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from detectron2.utils.file_io import PathManager
 
+from .integrity import verify_checksum
+
 __all__ = ["UnsafeWeightsError", "load_weights_file", "SAFE_PICKLE_GLOBALS"]
 
 # The only callables a model-zoo pickle may name: how numpy arrays, numpy scalars, dtypes and
@@ -59,14 +61,17 @@ def load_weights_file(path: str) -> Any:
     """
     Args:
         path: a ``.pkl`` (detectron2 / Detectron model zoo: pickled dict of numpy arrays) or a
-            ``torch.save`` file (``.pth``, ``.pth.tar``, ``.pt``...), any PathManager URI.
+            ``torch.save`` file (``.pth``, ``.pth.tar``, ``.pt``...), any PathManager URI. If a
+            ``<path>.sha256`` lies beside it (our checkpoints), the file is verified first.
     Returns:
         the unpickled object (dicts of numpy arrays or tensors, numbers, strings).
     Raises:
         UnsafeWeightsError: the file names a callable or class outside the allow-list; nothing
             of it was executed.
+        CorruptCheckpointError: the file differs from the one whose checksum was recorded.
         pickle.UnpicklingError, EOFError, RuntimeError...: the file is corrupt.
     """
+    verify_checksum(path)
     with PathManager.open(path, "rb") as f:
         if zipfile.is_zipfile(f):  # torch.save's default format
             f.seek(0)

@@ -1,4 +1,5 @@
 """The pretraining trainer: detectron2's ``DefaultTrainer`` with an unlabeled data loader."""
+import inspect
 import logging
 import math
 import os
@@ -8,11 +9,21 @@ from collections import OrderedDict
 import torch
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
+from detectron2.modeling import build_model
 from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import SafeDetectionCheckpointer
+from ..checkpoint import (
+    PeriodicCheckpointer,
+    SafeDetectionCheckpointer,
+    describe_checkpoint_disk_use,
+    estimate_checkpoint_bytes,
+)
+from ..checkpoint.periodic import DEFAULT_MAX_TO_KEEP
 from ..data import build_pretrain_train_loader, get_pretrain_dataset_dicts
+from ..modeling.contrastive import ContrastiveQueue, broadcast_queues
 from .hooks import PlotCurvesHook, SkippedImagesHook
+from .summary import describe_model, describe_schedule
 from .threads import configure_threads
 
 __all__ = [
@@ -32,7 +43,10 @@ _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__fil
 class DeviceAgnosticTrainer(DefaultTrainer):
     """
     ``DefaultTrainer`` whose DDP wrapper also works for CPU models (several gloo processes),
-    where detectron2 would pass a CUDA device id. Used for pretraining and fine-tuning.
+    where detectron2 would pass a CUDA device id; with checkpoints that are verified, resumed
+    past damage and pruned (``insloc_detco.checkpoint``), a start-up summary (model, schedule,
+    checkpoint disk use), and no evaluation after a failure. Used for pretraining and
+    fine-tuning.
     """
 
     def __init__(self, cfg):
@@ -56,6 +70,51 @@ class DeviceAgnosticTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+        logger.info(describe_schedule(cfg, comm.get_world_size()))
+        if comm.is_main_process():
+            size = estimate_checkpoint_bytes(self.checkpointer.model, optimizer)
+            logger.info(describe_checkpoint_disk_use(
+                size, cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter, _max_to_keep(cfg), cfg.OUTPUT_DIR
+            ))  # fmt: skip
+
+    @classmethod
+    def build_model(cls, cfg):
+        """
+        detectron2's ``build_model``; the log names the momentum encoder instead of printing
+        the model twice, and contrastive queues start identical on every rank, as DDP makes
+        the parameters (whether DDP also syncs buffers depends on the torch version).
+        """
+        model = build_model(cfg)
+        logger.info(describe_model(model))
+        broadcast_queues(model)
+        return model
+
+    def build_hooks(self):
+        """detectron2's hooks, with :meth:`build_checkpoint_hook` as the periodic checkpointer."""
+        return [
+            self.build_checkpoint_hook() if type(h) is hooks.PeriodicCheckpointer else h
+            for h in super().build_hooks()
+        ]
+
+    def build_checkpoint_hook(self):
+        """Periodic checkpoints, the newest ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` kept, and
+        ``model_final.pth`` (not also ``model_<last>.pth``)."""
+        return PeriodicCheckpointer(
+            self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=_max_to_keep(self.cfg)
+        )
+
+    def after_train(self):
+        """
+        After an exception (``iter < max_iter``, detectron2's convention) no evaluation: it runs
+        collectives that the other ranks, gone or stuck in the step, cannot join (detectron2's
+        ``EvalHook`` also evaluates after a failure in the last iteration). The other hooks run.
+        """
+        if self.iter >= self.max_iter:
+            return super().after_train()
+        self.storage.iter = self.iter
+        for h in self._hooks:
+            if not isinstance(h, hooks.EvalHook):
+                h.after_train()
 
 
 class PretrainTrainer(DeviceAgnosticTrainer):
@@ -86,10 +145,11 @@ class PretrainTrainer(DeviceAgnosticTrainer):
         ret = [hooks.IterationTimer(), hooks.LRScheduler()]
         ret.append(SkippedImagesHook(self.data_loader, cfg.SOLVER.LOG_PERIOD))
         if comm.is_main_process():
-            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+            ret.append(self.build_checkpoint_hook())
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.LOG_PERIOD))
             if cfg.SOLVER.PLOT_CURVES:
-                ret.append(PlotCurvesHook(cfg.OUTPUT_DIR, cfg.SOLVER.CHECKPOINT_PERIOD))
+                sizes = [m.size for m in self.model.modules() if isinstance(m, ContrastiveQueue)]
+                ret.append(PlotCurvesHook(cfg.OUTPUT_DIR, cfg.SOLVER.CHECKPOINT_PERIOD, sizes))
         return ret
 
 
@@ -118,10 +178,23 @@ def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
 
 
 def create_ddp_model_any_device(model, **kwargs):
-    """detectron2's ``create_ddp_model``, with no CUDA device id for a CPU model."""
+    """
+    detectron2's ``create_ddp_model``, with no CUDA device id for a CPU model. Where torch has
+    ``forward_sync_buffers`` (2.13+, which deprecates ``broadcast_buffers`` with a warning in
+    every process), ``broadcast_buffers=False`` is passed as ``forward_sync_buffers=False``:
+    no buffer broadcast at each forward either, buffers synced once when wrapping.
+    """
     if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
         kwargs.setdefault("device_ids", None)
+    ddp_args = inspect.signature(DistributedDataParallel.__init__).parameters
+    if "broadcast_buffers" in kwargs and "forward_sync_buffers" in ddp_args:
+        kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")
     return create_ddp_model(model, **kwargs)
+
+
+def _max_to_keep(cfg) -> int:
+    # The transfer configs have detectron2's keys only: they get the default.
+    return cfg.SOLVER.get("CHECKPOINT_MAX_TO_KEEP", DEFAULT_MAX_TO_KEEP)
 
 
 def resolve_epochs(cfg):

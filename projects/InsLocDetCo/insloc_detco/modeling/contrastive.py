@@ -15,6 +15,7 @@ from torch import nn
 __all__ = [
     "concat_all_gather",
     "ContrastiveQueue",
+    "broadcast_queues",
     "info_nce",
     "contrastive_accuracy",
     "momentum_update",
@@ -73,6 +74,26 @@ class ContrastiveQueue(nn.Module):
 
     def extra_repr(self):
         return f"size={self.size}, dim={self.keys.shape[1]}"
+
+
+@torch.no_grad()
+def broadcast_queues(model: nn.Module, src: int = 0) -> int:
+    """
+    Make every :class:`ContrastiveQueue` of ``model`` (keys and write position) a copy of rank
+    ``src``'s, as DDP does for the parameters when it wraps a model. Without it each rank starts
+    from its own random keys (DDP with ``broadcast_buffers=False`` leaves buffers alone), and
+    the ranks' negatives differ until the queue has been overwritten once. A no-op with one
+    process; every rank must call it.
+
+    Returns:
+        the number of queues.
+    """
+    queues = [m for m in model.modules() if isinstance(m, ContrastiveQueue)]
+    if comm.get_world_size() > 1:
+        for queue in queues:
+            dist.broadcast(queue.keys, src)
+            dist.broadcast(queue.ptr, src)
+    return len(queues)
 
 
 def info_nce(

@@ -22,6 +22,8 @@ from typing import Sequence
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
 
+from ..engine.lr_scaling import merge_opts_scaling_lr
+
 __all__ = [
     "MODEL_ZOO_BASE_KEY",
     "TRANSFER_CONFIG_DIR",
@@ -52,7 +54,9 @@ def load_transfer_config(name: str, opts: Sequence[str] = ()) -> CfgNode:
     """
     Args:
         name: a transfer YAML (path, or name under ``configs/transfer/``).
-        opts: ``KEY VALUE`` overrides, merged last.
+        opts: ``KEY VALUE`` overrides, merged last; a ``SOLVER.IMS_PER_BATCH`` among them
+            without ``SOLVER.BASE_LR`` scales the recipe's lr linearly (unless
+            ``SOLVER.SCALE_LR_WITH_BATCH False``, which is taken out of the opts).
     Returns:
         a detectron2 config (not frozen) with only detectron2's own keys.
     """
@@ -66,7 +70,10 @@ def load_transfer_config(name: str, opts: Sequence[str] = ()) -> CfgNode:
         with quiet_logger("fvcore.common.config"):
             cfg.merge_from_file(model_zoo.get_config_file(base), allow_unsafe=True)
     cfg.merge_from_other_cfg(CfgNode(ours))
-    cfg.merge_from_list(list(opts))
+    # A command-line IMS_PER_BATCH without BASE_LR scales the recipe's lr linearly.
+    lr_note = merge_opts_scaling_lr(cfg, opts)
+    if lr_note:
+        logging.getLogger(__name__).info(lr_note)
     return cfg
 
 
