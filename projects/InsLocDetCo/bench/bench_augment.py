@@ -196,13 +196,22 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loader", action="store_true", help="also measure loader CPU costs")
-    parser.add_argument("--data", default="pretrain_demo", help="dataset for --loader")
+    parser.add_argument(
+        "--data", default="pretrain_demo", help="dataset for --loader, or jpeg:N (generated)"
+    )
     parser.add_argument("--samples", type=int, default=20, help="samples per loader figure")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     bench_batch(args.device, args.batch, args.size, args.repeats)
     if args.loader:
+        if args.data.startswith("jpeg:"):  # ImageNet-sized JPEGs, made once (bench_e2e.py)
+            from bench_e2e import write_jpeg_folder
+
+            root = f"/tmp/bench_e2e_jpeg_{args.data[5:]}"
+            if not os.path.isdir(root):
+                write_jpeg_folder(root, int(args.data[5:]))
+            args.data = f"folder:{root}"
         bench_loader(args.data, args.samples)
 
 

@@ -176,7 +176,9 @@ def main():
     parser.add_argument("--workers", type=int, default=1, help="loader workers")
     parser.add_argument("--augment-on", default="auto", choices=("auto", "loader", "device"))
     parser.add_argument("--amp", action="store_true", help="SOLVER.AMP.ENABLED (CUDA)")
-    parser.add_argument("--channels-last", action="store_true", help="MODEL.CHANNELS_LAST")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="MODEL.CHANNELS_LAST (off unless given)"
+    )
     parser.add_argument("--iters", type=int, default=10, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     parser.add_argument("--data", default="", help="dataset name, or jpeg:N (generated)")

@@ -162,9 +162,11 @@ def add_insloc_detco_config(cfg):
     # ---------------------------------------------------------------------------------------
     # Speed on the training device.
     # ---------------------------------------------------------------------------------------
-    # Keep the model and its input batches in NHWC ("channels last") memory format: tensor
-    # cores run convolutions without layout transposes, which is what makes AMP pay off.
-    _C.MODEL.CHANNELS_LAST = False
+    # Keep the model and its input batches in NHWC ("channels last") memory format on CUDA
+    # (ignored on the CPU): cuDNN runs the convolutions without layout transposes. Measured on
+    # one H100, MoCo v2 at batch 64: +18% img/s in fp32/TF32, +24% under bf16 autocast
+    # (README, "Speed").
+    _C.MODEL.CHANNELS_LAST = True
     # Autocast dtype of SOLVER.AMP.ENABLED: "bfloat16", "float16", or "auto" (bfloat16 where
     # the GPU supports it, else float16). bfloat16 needs no loss scaling (no GradScaler, whose
     # overflow check synchronises the GPU every step).

@@ -22,6 +22,7 @@ from ..checkpoint import (
 from ..checkpoint.periodic import DEFAULT_MAX_TO_KEEP
 from ..data import build_pretrain_train_loader, get_pretrain_dataset_dicts
 from ..modeling.contrastive import ContrastiveQueue, broadcast_queues
+from ..modeling.meta_arch.base import channels_last_from_config
 from .hooks import PlotCurvesHook, SkippedImagesHook
 from .summary import describe_model, describe_schedule
 from .threads import configure_threads
@@ -128,7 +129,7 @@ class PretrainTrainer(DeviceAgnosticTrainer):
     @classmethod
     def build_model(cls, cfg):
         model = super().build_model(cfg)
-        if cfg.MODEL.CHANNELS_LAST:
+        if channels_last_from_config(cfg):
             model = model.to(memory_format=torch.channels_last)
         return model
 

@@ -9,10 +9,15 @@ from torch import nn
 from ...data.augmentation import PhotometricAugmentation, photometric_on_device
 from ..contrastive import contrastive_accuracy, encode_with_shuffle_bn, info_nce, momentum_update
 
-__all__ = ["ContrastivePretrainer", "contrastive_args_from_config"]
+__all__ = ["ContrastivePretrainer", "contrastive_args_from_config", "channels_last_from_config"]
 
 # A batch of same-shaped tensors: stacked (N, ...) or a list of N.
 ImageBatch = Union[torch.Tensor, List[torch.Tensor]]
+
+
+def channels_last_from_config(cfg) -> bool:
+    """``MODEL.CHANNELS_LAST`` applies to CUDA models only."""
+    return bool(cfg.MODEL.CHANNELS_LAST) and cfg.MODEL.DEVICE.startswith("cuda")
 
 
 def contrastive_args_from_config(cfg, randaugment: bool = True) -> Dict:
@@ -35,7 +40,7 @@ def contrastive_args_from_config(cfg, randaugment: bool = True) -> Dict:
         "augmentation": (
             PhotometricAugmentation(cfg, randaugment=randaugment) if on_device else None
         ),
-        "channels_last": cfg.MODEL.CHANNELS_LAST,
+        "channels_last": channels_last_from_config(cfg),
         "metrics_period": cfg.SOLVER.LOG_PERIOD,
     }
 
