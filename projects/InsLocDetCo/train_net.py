@@ -17,12 +17,13 @@ import insloc_detco  # noqa: F401  (first: it silences known warnings of the lib
 
 # isort: split
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 
 from insloc_detco import add_insloc_detco_config
 from insloc_detco.engine import (
     PretrainTrainer,
+    launch,
     log_exceptions,
     merge_opts_scaling_lr,
     resolve_config_file,

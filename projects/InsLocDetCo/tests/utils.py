@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from detectron2.engine import launch
+from insloc_detco.engine import launch
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

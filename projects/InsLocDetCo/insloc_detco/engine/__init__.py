@@ -1,4 +1,5 @@
 from .hooks import PlotCurvesHook, SkippedImagesHook, plot_metrics, read_metrics
+from .launch import launch
 from .log_setup import log_exceptions, setup_logging
 from .lr_scaling import merge_opts_scaling_lr
 from .summary import describe_model, describe_schedule

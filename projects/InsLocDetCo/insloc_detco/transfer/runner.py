@@ -29,13 +29,13 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import launch
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ..engine import resolve_device
+from ..engine.launch import launch
 from .benchmarks import Benchmark
 from .config import load_transfer_config, quiet_logger
 from .converter import (
