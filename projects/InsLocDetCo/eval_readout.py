@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, default=64, help="images per process, features")
     common.add_argument("--num-workers", type=int, default=4)
     common.add_argument("--max-train-images", type=int, default=0, help="> 0: a quick subset")
+    common.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                        help="re-estimate BN statistics on N training images first (0: the "
+                        "checkpoint's, as the papers)")  # fmt: skip
     common.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--output-dir", default=None, help="default: readout/ next to weights")
@@ -111,6 +114,7 @@ def settings_from_args(args, opts) -> ReadoutSettings:
         protocol=args.protocol, train=args.train or train, val=args.val or val,
         layout=args.layout, resize=args.resize, crop=args.crop, batch_size=args.batch_size,
         num_workers=args.num_workers, seed=args.seed, max_train_images=args.max_train_images,
+        precise_bn=args.precise_bn,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), opts=opts,
     )  # fmt: skip
     if args.protocol == "knn":

@@ -41,30 +41,46 @@ def tiny_cls(tmp_path_factory):
         MetadataCatalog.remove(f"t_demo_cls_{split}")
 
 
-def _checkpoint(out: str, config: str):
+def _checkpoint(out: str, config: str, images):
+    """A pretraining checkpoint whose BN statistics are those of ``images`` (as after
+    training: they must load too, and they keep the features well conditioned)."""
     cfg = load_config(config, "MODEL.DEVICE", "cpu")
     torch.manual_seed(0)
     model = build_model(cfg)
-    with torch.no_grad():  # move the BN statistics away from their init: they must load too
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
+    bns = [m for m in model.encoder_q.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    with torch.no_grad():
+        x = model.preprocess(list(images))
+        if hasattr(model.encoder_q, "box_head"):  # InsLoc-FPN: the whole image as the box
+            model.encoder_q(x, torch.tensor([[0.0, 0.0, x.shape[-1], x.shape[-2]]] * len(x)))
+        else:
+            model.encoder_q.backbone(x)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     DetectionCheckpointer(model, save_dir=out).save("model_final", iteration=3)
-    return os.path.join(out, "model_final.pth"), model
+    return os.path.join(out, "model_final.pth"), model.eval()
+
+
+def _images(n: int = 16):
+    from insloc_detco.data.reading import read_rgb_image
+
+    return torch.stack([read_rgb_image(r["file_name"])
+                        for r in DatasetCatalog.get("t_demo_cls_train")[:n]])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def moco(tmp_path_factory):
-    return _checkpoint(str(tmp_path_factory.mktemp("moco")), "instant_test/pretrain_moco_v2.yaml")
+def moco(tiny_cls, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("moco"))
+    return _checkpoint(out, "instant_test/pretrain_moco_v2.yaml", _images())
 
 
 @pytest.fixture(scope="module")
-def insloc_fpn(tmp_path_factory):
+def insloc_fpn(tiny_cls, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("insloc_fpn"))
-    return _checkpoint(out, "instant_test/pretrain_insloc_fpn.yaml")
+    return _checkpoint(out, "instant_test/pretrain_insloc_fpn.yaml", _images())
 
 
 # ------------------------------------------------------------------------------------------
@@ -118,12 +134,13 @@ def test_readout_network_loads_our_checkpoints_and_pkls(moco, insloc_fpn, tmp_pa
     ckpt, model = moco
     q = model.encoder_q.backbone
     enc, report = build_readout_encoder(ckpt, "c4")
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     assert report.random_init == [] and report.meta_architecture == "MoCoV2"
     torch.testing.assert_close(enc.backbone.res2[0].conv1.weight, q.res2[0].conv1.weight)
+    assert q.res5[2].conv3.norm.running_mean.abs().sum() > 0  # not the init: it must load
     torch.testing.assert_close(enc.roi_heads["res5"][2].conv3.norm.running_mean,
                                q.res5[2].conv3.norm.running_mean)  # fmt: skip
     # The same network computes the same pooled res5 as the pretrained query backbone.
-    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
         expected = q(model.preprocess(list(x)))["res5"].mean(dim=(2, 3))
     torch.testing.assert_close(enc(x)["res5"], expected, rtol=1e-4, atol=1e-4)
@@ -146,8 +163,7 @@ def test_readout_network_loads_our_checkpoints_and_pkls(moco, insloc_fpn, tmp_pa
     pkl = str(tmp_path / "moco_c4.pkl")
     save_model_zoo_pkl(conversion, pkl)
     enc_pkl, _ = build_readout_encoder(pkl, "c4")
-    torch.testing.assert_close(enc_pkl(x)["res5"], enc(x)["res5"] if False else expected,
-                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    torch.testing.assert_close(enc_pkl(x)["res5"], expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ReadoutError, match="converted for a 'c4' detector"):
         build_readout_encoder(pkl, "fpn")
 
@@ -176,6 +192,7 @@ def test_readout_network_refuses_bad_weights(moco, tmp_path):
 # ------------------------------------------------------------------------------------------
 TINY = ["--train", "t_demo_cls_train", "--val", "t_demo_cls_val", "--num-workers", "0",
         "--batch-size", "16"]  # fmt: skip
+SMALL_ROI = ["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "4"]  # cheap cell features (detector: 14)
 TINY_CLASSIFIER = ["--epochs", "5", "--classifier-batch-size", "16", "--milestones", "4",
                    "--lr", "0.5", "--normalize", "standardize"]  # fmt: skip
 
@@ -190,7 +207,7 @@ def test_eval_readout_every_protocol(tiny_cls, moco, tmp_path):
     main = _script("eval_readout").main
     out = str(tmp_path / "out")
     assert main(["knn", ckpt, "random", *TINY, "--k", "5,10", "--output-dir", out]) == 0
-    assert main(["loc", ckpt, *TINY, *TINY_CLASSIFIER, "--output-dir", out]) == 0
+    assert main(["loc", ckpt, *TINY, *TINY_CLASSIFIER, "--output-dir", out, *SMALL_ROI]) == 0
     assert main(["linear", ckpt, *TINY, *TINY_CLASSIFIER, "--cached", "--output-dir", out]) == 0
     assert main(["svm", ckpt, *TINY, "--stages", "res4,res5", "--costs", "0.1,1",
                  "--output-dir", out]) == 0  # fmt: skip
@@ -220,7 +237,7 @@ def test_linear_protocol_with_augmentation_resumes(tiny_cls, moco, tmp_path):
     main = _script("eval_readout").main
     out = str(tmp_path / "lin")
     args = ["linear", moco[0], *TINY, "--epochs", "2", "--classifier-batch-size", "16",
-            "--milestones", "1", "--lr", "0.5", "--output-dir", out]  # fmt: skip
+            "--milestones", "1", "--lr", "0.001", "--output-dir", out]  # fmt: skip
     assert main(args) == 0
     ckpt = torch.load(os.path.join(out, "linear_checkpoint.pth"), weights_only=True)
     assert ckpt["epoch"] == 2

@@ -19,7 +19,7 @@ architecture; ``fpn`` adds InsLoc-FPN's pretrained FPN and box head (random for 
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from detectron2.modeling import build_backbone
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead, Res5ROIHeads
 from detectron2.structures import Boxes
+from fvcore.nn.precise_bn import update_bn_stats
 from torch import nn
 
 from ..transfer.converter import ConversionError, convert_checkpoint, load_model_zoo_pkl
@@ -189,12 +190,17 @@ class ReadoutEncoder(nn.Module):
             the FPN levels ``p2``..``p5`` in the fpn layout.
         """
         if self.layout == "fpn":
-            # Only run the FPN when its levels are needed (box features).
-            if any(s.startswith("p") for s in stages):
-                out = dict(self.backbone.bottom_up(x))
-                out.update(self.backbone(x))
-                return out
-            return self.backbone.bottom_up(x)
+            # Only run the FPN when its levels are needed (box features); the ResNet outputs
+            # are taken on the way, so that every layer runs once.
+            if not any(s.startswith("p") for s in stages):
+                return self.backbone.bottom_up(x)
+            resnet = {}
+            hook = self.backbone.bottom_up.register_forward_hook(lambda m, i, o: resnet.update(o))
+            try:
+                out = self.backbone(x)
+            finally:
+                hook.remove()
+            return {**resnet, **out}
         out = self.backbone(x)
         if "res5" in stages:
             out["res5"] = self.roi_heads["res5"](out["res4"])
@@ -239,6 +245,44 @@ class ReadoutEncoder(nn.Module):
         if boxes is not None:
             out["boxes"] = self.box_features(maps, boxes)
         return out
+
+
+    @torch.no_grad()
+    def recompute_bn_statistics(self, batches: Iterable[torch.Tensor], boxes=None):
+        """
+        Re-estimate the running mean / variance of every BatchNorm layer on ``batches``, the
+        weights fixed (fvcore's ``update_bn_stats``, detectron2's PreciseBN), so that the
+        statistics describe the readout's images rather than the pretraining views.
+
+        Args:
+            batches: (N, 3, H, W) uint8 image batches.
+            boxes: (M, 4) boxes per image, for the fpn layout's box head.
+        """
+        bns = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        batches = list(batches)
+        for m in bns:
+            m.training = True
+        try:
+            # c4: res5 runs on the whole res4 map (a layer may run once per batch here).
+            per_image = None if self.layout == "c4" or boxes is None else boxes
+            forward = _BNForward(self, per_image)
+            update_bn_stats(forward, iter(batches), num_iters=len(batches))
+        finally:
+            for m in bns:
+                m.training = False
+
+
+class _BNForward(nn.Module):
+    """Adapter for ``update_bn_stats``: one batch of images -> every BN layer once."""
+
+    def __init__(self, encoder: "ReadoutEncoder", boxes: Optional[torch.Tensor]):
+        super().__init__()
+        self.encoder = encoder
+        self.boxes = boxes
+
+    def forward(self, images: torch.Tensor):
+        boxes = None if self.boxes is None else [self.boxes] * len(images)
+        return self.encoder(images, stages=("res5",), boxes=boxes)
 
 
 # ------------------------------------------------------------------------------------------

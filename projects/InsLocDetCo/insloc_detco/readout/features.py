@@ -23,6 +23,7 @@ __all__ = [
     "eval_transform",
     "train_transform",
     "ReadoutImages",
+    "image_batches",
     "shard",
     "extract_features",
     "gather_shards",
@@ -61,6 +62,14 @@ class ReadoutImages(Dataset):
             # A readout's score is over the whole set: skipping an image would change it.
             raise ReadoutError(f"Cannot read an image of the readout data set: {e}") from None
         return self.transform(image), index
+
+
+def image_batches(records: List[Dict], transform, batch_size: int, num_workers: int = 0):
+    """Yields (N, 3, H, W) uint8 batches of ``records`` in order (every process: all of them)."""
+    loader = DataLoader(ReadoutImages(records, transform), batch_size=batch_size,
+                        num_workers=num_workers)  # fmt: skip
+    for images, _ in loader:
+        yield images
 
 
 def shard(n: int) -> range:

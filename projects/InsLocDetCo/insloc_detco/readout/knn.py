@@ -62,11 +62,12 @@ def knn_scores(
         labels = torch.cat([p[1] for p in parts], dim=1)
         sims, order = sims.topk(min(kmax, sims.shape[1]), dim=1)
         labels = labels.gather(1, order)
+    sims, labels = sims.cpu(), labels.cpu()
     out = {}
     for k in ks:
         weights = (sims[:, :k] / temperature).exp()
         votes = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype)
-        out[k] = votes.scatter_add_(1, labels[:, :k].cpu(), weights.cpu())
+        out[k] = votes.scatter_add_(1, labels[:, :k], weights)
     return out
 
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from detectron2.engine import launch
 from detectron2.utils import comm
@@ -19,14 +20,22 @@ from detectron2.utils.logger import setup_logger
 from ..transfer.converter import ConversionError
 from .datasets import class_labels, get_readout_dataset, image_level_targets
 from .encoder import RANDOM_INIT, STAGES, ReadoutError, build_readout_encoder
-from .features import eval_transform, extract_features
+from .features import eval_transform, extract_features, image_batches
 from .knn import knn_accuracy
 from .linear import LinearRecipe, linear_probe, train_linear_protocol
 from .localization import grid_boxes, localization_probe, object_cell_probe, object_cells
 from .results import machine_description, merge_results, now, result_key
 from .svm import DEFAULT_COSTS, svm_readout
 
-__all__ = ["PROTOCOLS", "ReadoutSettings", "default_output_dir", "run_readouts", "readout_one"]
+__all__ = [
+    "PROTOCOLS",
+    "ReadoutSettings",
+    "ReadoutData",
+    "load_readout_data",
+    "default_output_dir",
+    "run_readouts",
+    "readout_one",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +60,9 @@ class ReadoutSettings:
     device: str = "cpu"
     seed: int = 0
     max_train_images: int = 0  # > 0: the first N training records only (quick checks)
+    # > 0: re-estimate the BN statistics on the first N training images before reading out
+    # (0: the checkpoint's statistics, the papers' protocol). See ReadoutEncoder.
+    precise_bn: int = 0
     opts: Sequence[str] = ()  # KEY VALUE overrides of the readout network's config
     # kNN
     ks: Sequence[int] = (20, 200)
@@ -87,115 +99,146 @@ def default_output_dir(weights: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(weights)), "readout")
 
 
-# ------------------------------------------------------------------------------------------
-# The protocols, in every process (features are extracted in parallel; the small classifiers
-# are fitted by the main process)
-# ------------------------------------------------------------------------------------------
-def _load_data(s: ReadoutSettings):
+@dataclass
+class ReadoutData:
+    """
+    The labelled data of a run, resolved once in the launching process and handed to the
+    launched ones (spawned processes do not see data sets or metadata registered at run time).
+
+    Attributes:
+        train, val: records; classes: class names.
+        resize, crop: the input size (from the settings or the data set's ``image_size``).
+        train_targets, val_targets: (N, C) image-level +1 / -1 / 0 targets (svm only).
+    """
+
+    train: List[Dict]
+    val: List[Dict]
+    classes: List[str]
+    resize: int
+    crop: int
+    train_targets: Optional[np.ndarray] = None
+    val_targets: Optional[np.ndarray] = None
+
+
+def load_readout_data(s: ReadoutSettings) -> ReadoutData:
     train, classes = get_readout_dataset(s.train)
     val, val_classes = get_readout_dataset(s.val)
     if list(classes) != list(val_classes):
         raise ReadoutError(f"'{s.train}' and '{s.val}' have different classes.")
     if s.max_train_images > 0:
         train = train[: s.max_train_images]
-    return train, val, classes
-
-
-def _knn(encoder, s: ReadoutSettings, train, val, classes) -> Dict:
+    if s.protocol in ("knn", "linear"):  # single-label protocols: fail now, not in a worker
+        class_labels(train, s.train)
+        class_labels(val, s.val)
     resize, crop = s.input_size(s.train)
-    tf = eval_transform(resize, crop)
+    d = ReadoutData(train, val, classes, resize, crop)
+    if s.protocol == "svm":
+        d.train_targets = image_level_targets(train, classes, s.train)
+        d.val_targets = image_level_targets(val, classes, s.val)
+    return d
+
+
+# ------------------------------------------------------------------------------------------
+# The protocols, in every process (features are extracted in parallel; the small classifiers
+# are fitted by the main process)
+# ------------------------------------------------------------------------------------------
+def _extract(encoder, s: ReadoutSettings, d: ReadoutData, split: str, **kwargs):
+    records = d.train if split == "train" else d.val
+    return extract_features(encoder, records, eval_transform(d.resize, d.crop),
+                            batch_size=s.batch_size, num_workers=s.num_workers,
+                            name=s.train if split == "train" else s.val, **kwargs)  # fmt: skip
+
+
+def _knn(encoder, s: ReadoutSettings, d: ReadoutData) -> Dict:
     # The memory bank stays sharded over the processes; the queries are gathered.
-    bank = extract_features(encoder, train, tf, batch_size=s.batch_size,
-                            num_workers=s.num_workers, gather=False, name=s.train)  # fmt: skip
-    queries = extract_features(encoder, val, tf, batch_size=s.batch_size,
-                               num_workers=s.num_workers, name=s.val)  # fmt: skip
-    train_y = torch.as_tensor(class_labels(train, s.train))[bank["index"]]
-    val_y = torch.as_tensor(class_labels(val, s.val))
-    return knn_accuracy(bank["res5"], train_y, queries["res5"], val_y, len(classes), s.ks,
-                        s.temperature)  # fmt: skip
+    bank = _extract(encoder, s, d, "train", gather=False)
+    queries = _extract(encoder, s, d, "val")
+    train_y = torch.as_tensor(class_labels(d.train))[bank["index"]]
+    val_y = torch.as_tensor(class_labels(d.val))
+    dev = encoder.device  # the similarities on the accelerator when there is one
+    return knn_accuracy(bank["res5"].to(dev), train_y.to(dev), queries["res5"].to(dev), val_y,
+                        len(d.classes), s.ks, s.temperature)  # fmt: skip
 
 
-def _linear(encoder, s: ReadoutSettings, train, val, classes, output_dir: str) -> Dict:
-    resize, crop = s.input_size(s.train)
-    train_y, val_y = class_labels(train, s.train), class_labels(val, s.val)
+def _linear(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dict:
+    train_y, val_y = class_labels(d.train), class_labels(d.val)
     if not s.cached:
         ckpt = os.path.join(output_dir, "linear_checkpoint.pth")
-        return train_linear_protocol(encoder, train, train_y, val, val_y, len(classes), s.recipe,
-                                     crop, resize, s.num_workers, ckpt)  # fmt: skip
-    tf = eval_transform(resize, crop)
-    ftr = extract_features(encoder, train, tf, batch_size=s.batch_size,
-                           num_workers=s.num_workers, name=s.train)  # fmt: skip
-    fva = extract_features(encoder, val, tf, batch_size=s.batch_size,
-                           num_workers=s.num_workers, name=s.val)  # fmt: skip
+        return train_linear_protocol(encoder, d.train, train_y, d.val, val_y, len(d.classes),
+                                     s.recipe, d.crop, d.resize, s.num_workers, ckpt)  # fmt: skip
+    ftr, fva = _extract(encoder, s, d, "train"), _extract(encoder, s, d, "val")
     if not comm.is_main_process():
         return {}
-    return linear_probe(ftr["res5"], torch.as_tensor(train_y), fva["res5"], torch.as_tensor(val_y),
-                        len(classes), s.recipe)  # fmt: skip
+    return linear_probe(ftr["res5"], torch.as_tensor(train_y), fva["res5"],
+                        torch.as_tensor(val_y), len(d.classes), s.recipe)  # fmt: skip
 
 
-def _loc(encoder, s: ReadoutSettings, train, val, classes) -> Dict:
-    resize, crop = s.input_size(s.train)
-    tf = eval_transform(resize, crop)
-    boxes = grid_boxes(crop, crop, s.grid)
+def _loc(encoder, s: ReadoutSettings, d: ReadoutData) -> Dict:
+    boxes = grid_boxes(d.crop, d.crop, s.grid)
     # One backbone pass per image gives the cells' features and the whole image's (for Cls).
-    ftr = extract_features(encoder, train, tf, ("res5",), boxes, s.batch_size, s.num_workers,
-                           name=s.train)  # fmt: skip
-    fva = extract_features(encoder, val, tf, ("res5",), boxes, s.batch_size, s.num_workers,
-                           name=s.val)  # fmt: skip
+    ftr = _extract(encoder, s, d, "train", boxes=boxes)
+    fva = _extract(encoder, s, d, "val", boxes=boxes)
     if not comm.is_main_process():
         return {}
     m = s.grid * s.grid
     out = localization_probe(ftr["boxes"], fva["boxes"], m, s.recipe)
-    if all("bbox" in r for r in train + val):  # one object per image: where is it?
+    if all("bbox" in r for r in d.train + d.val):  # one object per image: where is it?
         out.update(object_cell_probe(
-            ftr["boxes"], object_cells(train, resize, crop, s.grid),
-            fva["boxes"], object_cells(val, resize, crop, s.grid), m, s.recipe,
+            ftr["boxes"], object_cells(d.train, d.resize, d.crop, s.grid),
+            fva["boxes"], object_cells(d.val, d.resize, d.crop, s.grid), m, s.recipe,
         ))  # fmt: skip
-    if "label" in train[0]:
+    if "label" in d.train[0]:
         cls = linear_probe(
-            ftr["res5"], torch.as_tensor(class_labels(train)), fva["res5"],
-            torch.as_tensor(class_labels(val)), len(classes), s.recipe,
+            ftr["res5"], torch.as_tensor(class_labels(d.train)), fva["res5"],
+            torch.as_tensor(class_labels(d.val)), len(d.classes), s.recipe,
         )  # fmt: skip
         out["Cls"] = cls["top1"]
     return out
 
 
-def _svm(encoder, s: ReadoutSettings, train, val, classes) -> Dict:
-    resize, crop = s.input_size(s.train)
-    tf = eval_transform(resize, crop)
-    ftr = extract_features(encoder, train, tf, s.stages, None, s.batch_size, s.num_workers,
-                           name=s.train)  # fmt: skip
-    fva = extract_features(encoder, val, tf, s.stages, None, s.batch_size, s.num_workers,
-                           name=s.val)  # fmt: skip
+def _svm(encoder, s: ReadoutSettings, d: ReadoutData) -> Dict:
+    ftr = _extract(encoder, s, d, "train", stages=s.stages)
+    fva = _extract(encoder, s, d, "val", stages=s.stages)
     if not comm.is_main_process():
         return {}
     return svm_readout(
-        {k: ftr[k] for k in s.stages}, image_level_targets(train, classes, s.train),
-        {k: fva[k] for k in s.stages}, image_level_targets(val, classes, s.val),
-        s.costs, s.folds, s.seed,
+        {k: ftr[k] for k in s.stages}, d.train_targets, {k: fva[k] for k in s.stages},
+        d.val_targets, s.costs, s.folds, s.seed,
     )  # fmt: skip
 
 
-def readout_one(weights: str, s: ReadoutSettings, output_dir: str) -> Dict:
+def readout_one(
+    weights: str, s: ReadoutSettings, output_dir: str, data: Optional[ReadoutData] = None
+) -> Dict:
     """
     Run one protocol for one weights file in this process (of a launched group).
 
+    Args:
+        data: from :func:`load_readout_data` (None: loaded here).
     Returns:
         the result entry (main process; {} elsewhere), also merged into ``output_dir``.
     """
     start = time.perf_counter()
     torch.manual_seed(s.seed)
-    train, val, classes = _load_data(s)
+    if comm.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+    d = data or load_readout_data(s)
     encoder, report = build_readout_encoder(weights, s.layout, s.device, s.seed, s.opts)
-    logger.info(f"[{s.protocol}] {report.summary()}; {len(train)} -> {len(val)} images")
+    if s.precise_bn > 0:
+        boxes = grid_boxes(d.crop, d.crop, s.grid) if s.protocol == "loc" else None
+        batches = image_batches(d.train[: s.precise_bn], eval_transform(d.resize, d.crop),
+                                s.batch_size, s.num_workers)  # fmt: skip
+        encoder.recompute_bn_statistics(batches, boxes)
+    logger.info(f"[{s.protocol}] {report.summary()}; {len(d.train)} -> {len(d.val)} images "
+                f"at {d.crop} px")  # fmt: skip
     if s.protocol == "knn":
-        metrics = _knn(encoder, s, train, val, classes)
+        metrics = _knn(encoder, s, d)
     elif s.protocol == "linear":
-        metrics = _linear(encoder, s, train, val, classes, output_dir)
+        metrics = _linear(encoder, s, d, output_dir)
     elif s.protocol == "loc":
-        metrics = _loc(encoder, s, train, val, classes)
+        metrics = _loc(encoder, s, d)
     elif s.protocol == "svm":
-        metrics = _svm(encoder, s, train, val, classes)
+        metrics = _svm(encoder, s, d)
     else:
         raise ReadoutError(f"Unknown protocol '{s.protocol}'; choose one of {PROTOCOLS}.")
     comm.synchronize()
@@ -210,9 +253,10 @@ def readout_one(weights: str, s: ReadoutSettings, output_dir: str) -> Dict:
         "layout": s.layout,
         "train": s.train,
         "val": s.val,
-        "num_train": len(train),
-        "num_val": len(val),
-        "num_classes": len(classes),
+        "num_train": len(d.train),
+        "num_val": len(d.val),
+        "num_classes": len(d.classes),
+        "input_size": [d.resize, d.crop],
         "metrics": metrics,
         "settings": s.as_dict(),
         "world_size": comm.get_world_size(),
@@ -221,7 +265,7 @@ def readout_one(weights: str, s: ReadoutSettings, output_dir: str) -> Dict:
         "date": now(),
     }
     if per_class is not None:
-        entry["per_class"] = {"classes": classes, **per_class}
+        entry["per_class"] = {"classes": d.classes, **per_class}
     key = result_key(s.protocol, weights, s.train, s.val, s.layout)
     merge_results(output_dir, {key: entry})
     logger.info(f"[{s.protocol}] {os.path.basename(weights)}: "
@@ -229,10 +273,10 @@ def readout_one(weights: str, s: ReadoutSettings, output_dir: str) -> Dict:
     return entry
 
 
-def _worker(weights_list: List[str], s: ReadoutSettings, output_dirs: List[str]):
+def _worker(weights_list: List[str], s: ReadoutSettings, output_dirs: List[str], data: ReadoutData):
     setup_logging(comm.get_rank())
     for weights, out in zip(weights_list, output_dirs):
-        readout_one(weights, s, out)
+        readout_one(weights, s, out, data)
 
 
 def setup_logging(rank: int = 0):
@@ -240,24 +284,31 @@ def setup_logging(rank: int = 0):
         setup_logger(distributed_rank=rank, name=name, abbrev_name=abbrev)
 
 
-def check_inputs(weights_list: Sequence[str], s: ReadoutSettings):
-    """Fail in the launching process, before any worker starts: data, weights, settings."""
+def check_inputs(weights_list: Sequence[str], s: ReadoutSettings, load_weights: bool = True):
+    """
+    Fail in the launching process, before any worker starts: data, weights, settings.
+    ``load_weights``: also read every weights file into the readout network (skipped when the
+    readout runs in this process anyway).
+
+    Returns:
+        the :class:`ReadoutData`, read once here and handed to the launched processes.
+    """
     if s.protocol not in PROTOCOLS:
         raise ReadoutError(f"Unknown protocol '{s.protocol}'; choose one of {PROTOCOLS}.")
-    train, val, classes = _load_data(s)
-    if s.protocol in ("knn", "linear"):
-        class_labels(train, s.train)
-        class_labels(val, s.val)
+    data = load_readout_data(s)
     bad = [s for s in s.stages if s not in STAGES]
     if bad:
         raise ReadoutError(f"Unknown stage(s) {bad}; choose from {STAGES}.")
     for w in weights_list:
         if w != RANDOM_INIT and not os.path.isfile(w):
             raise ReadoutError(f"Weights '{w}' do not exist (a .pth, a .pkl, or 'random').")
+        if not load_weights:
+            continue
         try:
             build_readout_encoder(w, s.layout, "cpu", s.seed, s.opts)
         except ConversionError as e:
             raise ReadoutError(str(e)) from None
+    return data
 
 
 def run_readouts(
@@ -278,10 +329,13 @@ def run_readouts(
     Returns:
         the result entries (read back from the output folders).
     """
-    check_inputs(weights_list, s)
+    data = check_inputs(weights_list, s, load_weights=num_gpus * num_machines > 1)
     dirs = [output_dir or default_output_dir(w) for w in weights_list]
-    launch(_worker, num_gpus, num_machines, machine_rank, dist_url,
-           args=(list(weights_list), s, dirs))  # fmt: skip
+    try:
+        launch(_worker, num_gpus, num_machines, machine_rank, dist_url,
+               args=(list(weights_list), s, dirs, data))  # fmt: skip
+    except ConversionError as e:  # one process: raised here as it is
+        raise ReadoutError(str(e)) from None
     import json
 
     entries = []

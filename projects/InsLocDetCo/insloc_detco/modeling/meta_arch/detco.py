@@ -38,10 +38,12 @@ TERMS = (("gg", "g", "g"), ("ll", "l", "l"), ("lg", "l", "g"))
 class PatchSetEmbeddingHead(nn.Module):
     """DetCo's local head mlp_local: pool each patch, concatenate a set, MLP, L2 normalise."""
 
-    def __init__(self, in_channels: int, num_patches: int, hidden_dim: int, out_dim: int):
+    def __init__(
+        self, in_channels: int, num_patches: int, hidden_dim: int, out_dim: int, norm: str = ""
+    ):
         super().__init__()
         self.num_patches = num_patches
-        self.mlp = ProjectionMLP(num_patches * in_channels, hidden_dim, out_dim)
+        self.mlp = ProjectionMLP(num_patches * in_channels, hidden_dim, out_dim, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -112,6 +114,7 @@ class DetCo(ContrastivePretrainer):
         num_patches: int = 9,
         global_hidden_mult: int = 1,
         local_hidden_mult: int = 1,
+        mlp_norm: str = "",
         **kwargs,
     ):
         """
@@ -125,6 +128,7 @@ class DetCo(ContrastivePretrainer):
             num_patches: G*G, patches per local view.
             global_hidden_mult, local_hidden_mult: hidden width of the global / local MLP as
                 a multiple of the stage's channels C_i.
+            mlp_norm: normalisation inside every MLP ("" or "BN", see ``ProjectionMLP``).
             kwargs: see :class:`ContrastivePretrainer`.
         """
         super().__init__(**kwargs)
@@ -137,7 +141,7 @@ class DetCo(ContrastivePretrainer):
         channels = {f: backbone.output_shape()[f].channels for f in self.in_features}
         global_heads = nn.ModuleDict(
             {
-                f: GlobalEmbeddingHead(c, global_hidden_mult * c, self.dim)
+                f: GlobalEmbeddingHead(c, global_hidden_mult * c, self.dim, mlp_norm)
                 for f, c in channels.items()
             }
         )
@@ -145,7 +149,9 @@ class DetCo(ContrastivePretrainer):
         if global_local:
             local_heads = nn.ModuleDict(
                 {
-                    f: PatchSetEmbeddingHead(c, num_patches, local_hidden_mult * c, self.dim)
+                    f: PatchSetEmbeddingHead(
+                        c, num_patches, local_hidden_mult * c, self.dim, mlp_norm
+                    )
                     for f, c in channels.items()
                 }
             )
@@ -181,6 +187,7 @@ class DetCo(ContrastivePretrainer):
             "num_patches": j.GRID * j.GRID,
             "global_hidden_mult": d.GLOBAL_HIDDEN_MULT,
             "local_hidden_mult": d.LOCAL_HIDDEN_MULT,
+            "mlp_norm": cfg.MODEL.CONTRAST.MLP_NORM,
             **contrastive_args_from_config(cfg),
         }
 
