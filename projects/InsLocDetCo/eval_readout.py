@@ -12,7 +12,10 @@ What did pretraining learn? Frozen-feature readouts of a pretraining checkpoint,
     # DetCo's per-stage VOC07 SVMs (res2..res5)
     python eval_readout.py svm output/pretrain_detco/model_final.pth --num-gpus 8
     # the generated labelled set, CPU, minutes: pretrained next to random init
-    python eval_readout.py knn model_final.pth random --train demo_cls_train --val demo_cls_val
+    python eval_readout.py knn model_final.pth random --train demo_cls_train --val demo_cls_val \
+        --output-dir output/readout
+    # one table of every readout in result folders, a row per weights file, with chance levels
+    python eval_readout.py table output/readout
 
 Data sets (``--train`` / ``--val``) resolve under ``$DETECTRON2_DATASETS`` like detectron2's:
 ``imagenet_cls_{train,val}`` (folder per class), ``voc_2007_{trainval,test}``,
@@ -22,11 +25,13 @@ for all). Trailing ``KEY VALUE`` pairs override the readout network's detectron2
 """
 
 import argparse
+import json
+import os
 import sys
 
 from insloc_detco.readout.encoder import LAYOUTS, STAGES, ReadoutError
 from insloc_detco.readout.linear import LinearRecipe
-from insloc_detco.readout.results import markdown_tables
+from insloc_detco.readout.results import comparison_table, markdown_tables
 from insloc_detco.readout.runner import ReadoutSettings, run_readouts, setup_logging
 from insloc_detco.readout.svm import DEFAULT_COSTS
 from insloc_detco.transfer.converter import ConversionError
@@ -99,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train on features extracted once, without augmentation (fast)")
     loc = sub.add_parser("loc", parents=[common, classifier], help="linear localization (InsLoc)")
     loc.add_argument("--grid", type=int, default=3, help="g: M = g x g cells")
+    t = sub.add_parser("table", help="compare the readouts found in result folders")
+    t.add_argument("dirs", nargs="+", help="folders with a readout results.json")
     s = sub.add_parser("svm", parents=[common], help="per-stage VOC07 SVMs (DetCo)")
     s.add_argument("--stages", type=lambda x: tuple(x.split(",")), default=STAGES)
     s.add_argument("--costs", type=_floats, default=DEFAULT_COSTS, help="cost sweep")
@@ -134,6 +141,19 @@ def settings_from_args(args, opts) -> ReadoutSettings:
     return s
 
 
+def print_table(dirs) -> int:
+    results = {}
+    for d in dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            print(f"eval_readout.py table: error: no {path}", file=sys.stderr)
+            return 2
+        with open(path) as f:
+            results.update(json.load(f))
+    print(comparison_table(results), end="")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args, opts = parser.parse_known_args(argv)
@@ -142,6 +162,8 @@ def main(argv=None) -> int:
         return 2
     if any(x.startswith("--") for x in opts) or len(opts) % 2:
         parser.error(f"unrecognized arguments: {' '.join(opts)}")
+    if args.protocol == "table":
+        return print_table(args.dirs)
     setup_logging()
     try:
         s = settings_from_args(args, opts)

@@ -60,12 +60,18 @@ def parse_args(argv=None):
     p.add_argument("--queue-size", type=int, default=512,
                    help="K, well below the pool: older keys of the same image are false "
                    "negatives")  # fmt: skip
+    p.add_argument("--mlp-norm", default="BN", choices=("", "BN"),
+                   help="MODEL.CONTRAST.MLP_NORM: without BN the projection heads collapse in "
+                   "short schedules (see the README)")  # fmt: skip
     p.add_argument("--image-size", type=int, default=64,
                    help="MoCo v2 / DetCo view side and InsLoc canvas side (pixels)")
     p.add_argument("--readout-cells-images", type=int, default=600,
                    help="training images for the cell readouts (Loc, ObjLoc); all for kNN/Cls")
     p.add_argument("--readout-pooler", type=int, default=7,
                    help="RoIAlign side of the C4 cell features (detector: 14)")
+    p.add_argument("--precise-bn", type=int, default=512,
+                   help="re-estimate BN statistics on this many readout training images (every "
+                   "model, random init too; 0: the checkpoint's)")  # fmt: skip
     p.add_argument("--finetune-iters", type=int, default=0, help="> 0: also fine-tune demo_det")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per pretraining run")
@@ -103,6 +109,8 @@ def pretrain_command(method: str, seed: int, args, out: str, pool: str):
         "SOLVER.LOG_PERIOD", "10",
         "MODEL.CONTRAST.QUEUE_SIZE", str(args.queue_size),
         "MODEL.CONTRAST.MOMENTUM", str(args.momentum),
+        "MODEL.CONTRAST.MLP_NORM", args.mlp_norm,
+        "MODEL.CONTRAST.MLP_HIDDEN_DIM", "2048",
         "DATALOADER.NUM_WORKERS", "1",
         "OUTPUT_DIR", out,
     ]  # fmt: skip
@@ -157,7 +165,9 @@ def pretext_summary(run_dir: str, queue_size: int) -> dict:
 # ------------------------------------------------------------------------------------------
 # Readouts (in worker processes, one thread each)
 # ------------------------------------------------------------------------------------------
-def readout_model(weights: str, seed: int, cells_images: int, pooler: int, device: str) -> dict:
+def readout_model(
+    weights: str, seed: int, cells_images: int, pooler: int, precise_bn: int, device: str
+) -> dict:
     """kNN, Cls, Loc and ObjLoc of one checkpoint (or random init with ``seed``)."""
     import torch
     from detectron2.data import MetadataCatalog
@@ -165,7 +175,7 @@ def readout_model(weights: str, seed: int, cells_images: int, pooler: int, devic
     torch.set_num_threads(1)
     from insloc_detco.readout.datasets import class_labels, get_readout_dataset
     from insloc_detco.readout.encoder import build_readout_encoder
-    from insloc_detco.readout.features import eval_transform, extract_features
+    from insloc_detco.readout.features import eval_transform, extract_features, image_batches
     from insloc_detco.readout.knn import knn_accuracy
     from insloc_detco.readout.linear import LinearRecipe, linear_probe
     from insloc_detco.readout.localization import (
@@ -182,6 +192,8 @@ def readout_model(weights: str, seed: int, cells_images: int, pooler: int, devic
     size = MetadataCatalog.get("demo_cls_train").image_size
     tf, boxes = eval_transform(size, size), grid_boxes(size, size, 3)
     start = time.process_time()
+    if precise_bn > 0:
+        encoder.recompute_bn_statistics(image_batches(train[:precise_bn], tf, 64))
     f_tr = extract_features(encoder, train, tf, ("res5",), num_workers=0)
     cells = train[:cells_images]
     f_trc = extract_features(encoder, cells, tf, ("res5",), boxes, num_workers=0)
@@ -294,7 +306,7 @@ def main(argv=None):
                 runs[m][str(s)] = done
                 continue
             todo[ex.submit(readout_model, ckpt, s, args.readout_cells_images,
-                           args.readout_pooler, args.device)] = (m, s, ckpt)  # fmt: skip
+                           args.readout_pooler, args.precise_bn, args.device)] = (m, s, ckpt)
         for fut, (m, s, ckpt) in todo.items():
             r = fut.result()
             r["weights"] = ckpt

@@ -202,7 +202,7 @@ def _results(out):
         return json.load(f)
 
 
-def test_eval_readout_every_protocol(tiny_cls, moco, tmp_path):
+def test_eval_readout_every_protocol(tiny_cls, moco, tmp_path, capsys):
     ckpt = moco[0]
     main = _script("eval_readout").main
     out = str(tmp_path / "out")
@@ -228,6 +228,14 @@ def test_eval_readout_every_protocol(tiny_cls, moco, tmp_path):
         md = f.read()
     for section in ("### knn", "### linear", "### loc", "### svm"):
         assert section in md
+    # One comparison table: a row per weights file, chance levels (8 classes, 9 cells) last.
+    capsys.readouterr()
+    assert main(["table", out]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0] == "| weights | kNN | Cls | linear | Loc | ObjLoc |"
+    assert table[-1] == "| (chance) | 12.5 | 12.5 | 12.5 | 11.1 | 11.1 |"
+    assert any(line.startswith("| random init | ") for line in table)
+    assert main(["table", str(tmp_path / "nothing")]) == 2
     # Default output folder: readout/ next to the checkpoint.
     assert main(["knn", ckpt, *TINY, "--k", "5", "--max-train-images", "16"]) == 0
     assert os.path.isfile(os.path.join(os.path.dirname(ckpt), "readout", "results.md"))
@@ -300,3 +308,27 @@ def test_attention_maps_and_script(tiny_cls, moco, tmp_path):
                  "--output-dir", out]) == 0  # fmt: skip
     assert len(os.listdir(out)) == 2
     assert main(["random", "--output-dir", out]) == 2  # no images given
+
+
+def test_precise_bn_reestimates_statistics_on_readout_images(tiny_cls):
+    from insloc_detco.readout.features import eval_transform, image_batches
+
+    enc, _ = build_readout_encoder("random", "c4")
+    stem_bn = enc.backbone.stem.conv1.norm
+    assert stem_bn.running_mean.abs().sum() == 0  # init: identity statistics
+    records = DatasetCatalog.get("t_demo_cls_train")[:32]
+    batches = list(image_batches(records, eval_transform(SIZE, SIZE), 16))
+    enc.recompute_bn_statistics(batches)
+    c1 = enc.backbone.stem.conv1  # detectron2's Conv2d applies its norm: convolve without it
+    with torch.no_grad():
+        conv = torch.cat([torch.nn.functional.conv2d(enc.preprocess(b), c1.weight, c1.bias,
+                                                     c1.stride, c1.padding) for b in batches])
+    # The stem's BN now holds the mean of its input over the images (weights untouched).
+    torch.testing.assert_close(stem_bn.running_mean, conv.mean(dim=(0, 2, 3)), rtol=1e-3,
+                               atol=1e-3)  # fmt: skip
+    assert not enc.training and not stem_bn.training
+    # The fpn layout re-estimates the FPN and box-head statistics too (boxes given).
+    enc_fpn, _ = build_readout_encoder("random", "fpn")
+    enc_fpn.recompute_bn_statistics(batches, boxes=torch.tensor([[0.0, 0.0, 32.0, 32.0]]))
+    assert enc_fpn.roi_heads["box_head"].conv1.norm.running_mean.abs().sum() > 0
+    assert enc_fpn.backbone.fpn_lateral2.norm.running_mean.abs().sum() > 0

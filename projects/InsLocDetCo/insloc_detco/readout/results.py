@@ -18,6 +18,7 @@ __all__ = [
     "result_key",
     "merge_results",
     "markdown_tables",
+    "comparison_table",
     "mean_std",
     "format_mean_std",
     "machine_description",
@@ -78,6 +79,48 @@ def markdown_tables(results: Dict[str, Dict]) -> str:
             )
         out.append("")
     return "\n".join(out) + "\n"
+
+
+# Column of the comparison table -> (protocol, metric, chance level as a function of the
+# number of classes and of grid cells M). kNN: k = 20, else the smallest k run.
+COMPARISON = OrderedDict(
+    [
+        ("kNN", ("knn", "top1@k", lambda c, m: 100.0 / c)),
+        ("Cls", ("loc", "Cls", lambda c, m: 100.0 / c)),
+        ("linear", ("linear", "top1", lambda c, m: 100.0 / c)),
+        ("Loc", ("loc", "Loc", lambda c, m: 100.0 / m)),
+        ("ObjLoc", ("loc", "ObjLoc", lambda c, m: 100.0 / m)),
+    ]
+)
+
+
+def comparison_table(results: Dict[str, Dict]) -> str:
+    """
+    One row per weights file, one column per readout found in ``results`` (kNN top-1 at
+    k = 20, Cls, linear top-1, Loc, ObjLoc), and a last row with the chance levels.
+    """
+    rows: "OrderedDict[str, Dict[str, float]]" = OrderedDict()
+    chance, cols = {}, []
+    for r in results.values():
+        for col, (protocol, metric, level) in COMPARISON.items():
+            if r["protocol"] != protocol:
+                continue
+            if metric == "top1@k":
+                ks = sorted(int(k[len(metric) :]) for k in r["metrics"] if k.startswith(metric))
+                metric = f"top1@k{20 if 20 in ks else ks[0]}" if ks else metric
+            if metric in r["metrics"]:
+                rows.setdefault(r["weights"], {})[col] = r["metrics"][metric]
+                grid = r["settings"].get("grid", 3)
+                chance[col] = level(r["num_classes"], grid * grid)
+                if col not in cols:
+                    cols.append(col)
+    cols = [c for c in COMPARISON if c in cols]
+    lines = ["| weights | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for weights, m in rows.items():
+        name = "random init" if weights == "random" else weights
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+    lines.append("| (chance) | " + " | ".join(_fmt(chance[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def mean_std(values: Sequence[float]) -> Dict:
