@@ -6,6 +6,7 @@ ignore_known_third_party_warnings()  # before the imports below load detectron2 
 from . import (  # noqa: E402
     data,  # noqa: F401  (registers datasets and mappers)
     modeling,  # noqa: F401  (registers meta-architectures)
+    readout,  # noqa: F401  (registers the labelled readout data sets)
     transfer,  # noqa: F401  (registers fine-tuning heads and the demo_det data sets)
 )
 from .config import add_insloc_detco_config  # noqa: E402

@@ -28,6 +28,12 @@ def add_insloc_detco_config(cfg):
     _C.MODEL.CONTRAST.MOMENTUM = 0.999
     # Hidden width of the 2-layer projection MLP on res5 features (MoCo v2: 2048).
     _C.MODEL.CONTRAST.MLP_HIDDEN_DIM = 2048
+    # Normalisation after the first layer of every projection MLP: "" (none: MoCo v2, InsLoc
+    # and DetCo as published) or "BN" (BatchNorm1d, as SimCLR / MoCo v3 heads). Short
+    # schedules need "BN": without it the embeddings of all images crowd into a narrow cone
+    # whose direction drifts, and the contrastive accuracy rises by recognising the freshest
+    # keys instead of the instance while the loss climbs to ln(K + 1) (README, mini benchmark).
+    _C.MODEL.CONTRAST.MLP_NORM = ""
     # Shuffle-BN: encode keys on a random permutation of the global batch so that BatchNorm
     # statistics cannot leak the positive pair (MoCo Sec. 3.3).
     _C.MODEL.CONTRAST.SHUFFLE_BN = True

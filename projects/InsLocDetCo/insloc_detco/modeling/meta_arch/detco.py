@@ -40,10 +40,12 @@ TERMS = (("gg", "g", "g"), ("ll", "l", "l"), ("lg", "l", "g"))
 class PatchSetEmbeddingHead(nn.Module):
     """DetCo's local head mlp_local: pool each patch, concatenate a set, MLP, L2 normalise."""
 
-    def __init__(self, in_channels: int, num_patches: int, hidden_dim: int, out_dim: int):
+    def __init__(
+        self, in_channels: int, num_patches: int, hidden_dim: int, out_dim: int, norm: str = ""
+    ):
         super().__init__()
         self.num_patches = num_patches
-        self.mlp = ProjectionMLP(num_patches * in_channels, hidden_dim, out_dim)
+        self.mlp = ProjectionMLP(num_patches * in_channels, hidden_dim, out_dim, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -117,6 +119,7 @@ class DetCo(ContrastivePretrainer):
         jigsaw_grid: int = 3,
         patch_size: int = 64,
         local_augmentation: Optional[PhotometricAugmentation] = None,
+        mlp_norm: str = "",
         **kwargs,
     ):
         """
@@ -133,6 +136,7 @@ class DetCo(ContrastivePretrainer):
             jigsaw_grid, patch_size: G and P, to cut patch sets that arrive as uncut crops.
             local_augmentation: the photometric augmentation of the jigsaw crops on the
                 device (the global views' family without RandAugment); None: done in the loader.
+            mlp_norm: normalisation inside every MLP ("" or "BN", see ``ProjectionMLP``).
             kwargs: see :class:`ContrastivePretrainer`.
         """
         super().__init__(**kwargs)
@@ -148,7 +152,7 @@ class DetCo(ContrastivePretrainer):
         channels = {f: backbone.output_shape()[f].channels for f in self.in_features}
         global_heads = nn.ModuleDict(
             {
-                f: GlobalEmbeddingHead(c, global_hidden_mult * c, self.dim)
+                f: GlobalEmbeddingHead(c, global_hidden_mult * c, self.dim, mlp_norm)
                 for f, c in channels.items()
             }
         )
@@ -156,7 +160,9 @@ class DetCo(ContrastivePretrainer):
         if global_local:
             local_heads = nn.ModuleDict(
                 {
-                    f: PatchSetEmbeddingHead(c, num_patches, local_hidden_mult * c, self.dim)
+                    f: PatchSetEmbeddingHead(
+                        c, num_patches, local_hidden_mult * c, self.dim, mlp_norm
+                    )
                     for f, c in channels.items()
                 }
             )
@@ -195,6 +201,7 @@ class DetCo(ContrastivePretrainer):
             "local_hidden_mult": d.LOCAL_HIDDEN_MULT,
             "jigsaw_grid": j.GRID,
             "patch_size": j.PATCH_SIZE,
+            "mlp_norm": cfg.MODEL.CONTRAST.MLP_NORM,
             **args,
             "local_augmentation": PhotometricAugmentation(cfg) if args["augmentation"] else None,
         }

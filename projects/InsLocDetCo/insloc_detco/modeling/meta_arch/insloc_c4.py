@@ -69,9 +69,8 @@ class InsLocC4(InstanceLocalization):
         assert "res5" not in backbone.output_shape(), "res5 is the RoI head: OUT_FEATURES res4"
         pooler = level_poolers(cfg, backbone, in_features)[in_features[0]]
         res5, channels = Res5ROIHeads._build_res5_block(cfg)
-        head = GlobalEmbeddingHead(
-            channels, cfg.MODEL.CONTRAST.MLP_HIDDEN_DIM, cfg.MODEL.CONTRAST.DIM
-        )
+        c = cfg.MODEL.CONTRAST
+        head = GlobalEmbeddingHead(channels, c.MLP_HIDDEN_DIM, c.DIM, c.MLP_NORM)
         return C4BoxEncoder(
             backbone, in_features[0], pooler, res5, head, roi_align=cfg.MODEL.INSLOC.ROI_ALIGN
         )

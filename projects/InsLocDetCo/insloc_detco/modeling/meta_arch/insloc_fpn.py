@@ -249,8 +249,9 @@ class InsLocFPN(InstanceLocalization):
         r = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
         box_head = FastRCNNConvFCHead(cfg, ShapeSpec(channels=channels.pop(), height=r, width=r))
         embed = ProjectionMLP(
-            box_head.output_shape.channels, cfg.MODEL.INSLOC.FC_DIM, cfg.MODEL.CONTRAST.DIM
-        )
+            box_head.output_shape.channels, cfg.MODEL.INSLOC.FC_DIM, cfg.MODEL.CONTRAST.DIM,
+            cfg.MODEL.CONTRAST.MLP_NORM,
+        )  # fmt: skip
         return FPNBoxEncoder(
             backbone, in_features, poolers, box_head, embed, roi_align=cfg.MODEL.INSLOC.ROI_ALIGN
         )

@@ -37,17 +37,21 @@ class MoCoV2(ContrastivePretrainer):
     """
 
     @configurable
-    def __init__(self, *, backbone: Backbone, in_feature: str, mlp_hidden_dim: int, **kwargs):
+    def __init__(
+        self, *, backbone: Backbone, in_feature: str, mlp_hidden_dim: int, mlp_norm: str = "",
+        **kwargs,
+    ):  # fmt: skip
         """
         Args:
             backbone: a detectron2 backbone (ResNet) whose outputs include ``in_feature``.
             in_feature: the feature map the embedding is pooled from ("res5").
             mlp_hidden_dim: hidden width of the projection MLP.
+            mlp_norm: its normalisation ("" or "BN", see ``ProjectionMLP``).
             kwargs: see :class:`ContrastivePretrainer`.
         """
         super().__init__(**kwargs)
         channels = backbone.output_shape()[in_feature].channels
-        head = GlobalEmbeddingHead(channels, mlp_hidden_dim, self.dim)
+        head = GlobalEmbeddingHead(channels, mlp_hidden_dim, self.dim, mlp_norm)
         self.encoder_q = GlobalEncoder(backbone, head, in_feature)
         self.init_key_encoder()
         self.queue = ContrastiveQueue(self.dim, self.queue_size)
@@ -59,6 +63,7 @@ class MoCoV2(ContrastivePretrainer):
             "backbone": backbone,
             "in_feature": cfg.MODEL.RESNETS.OUT_FEATURES[-1],
             "mlp_hidden_dim": cfg.MODEL.CONTRAST.MLP_HIDDEN_DIM,
+            "mlp_norm": cfg.MODEL.CONTRAST.MLP_NORM,
             **contrastive_args_from_config(cfg),
         }
 

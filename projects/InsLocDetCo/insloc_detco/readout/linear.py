@@ -1,0 +1,260 @@
+"""
+Linear classification on frozen features: the MoCo protocol (He et al. 2020, Sec. 4.1; Chen et
+al. 2020): a linear layer on average-pooled res5 (2048-d), SGD lr 30, momentum 0.9, no weight
+decay, batch 256, 100 epochs, lr / 10 at epochs 60 and 80; training images RandomResizedCrop 224
++ flip, evaluation resize 256 / centre crop 224.
+
+Two trainers share the recipe (:class:`LinearRecipe`):
+
+* :func:`train_linear_protocol`: the protocol as published, with a fresh augmentation of every
+  image in every epoch (the frozen backbone runs every step). On several processes the linear
+  layer is a DDP model and the global batch is split over them.
+* :func:`linear_probe`: the classifier trained on features extracted once without augmentation
+  (minutes instead of hours; what the mini benchmark, the localization readout and the tests
+  use). ``normalize="standardize"`` standardises every feature dimension with the training
+  set's mean and std first (a parameter-free BatchNorm, as MAE's linear probe), which makes the
+  learning rate mean the same thing for features of any scale (e.g. random init).
+"""
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from detectron2.utils import comm
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..engine.trainer import create_ddp_model_any_device
+from .encoder import ReadoutEncoder
+from .features import ReadoutImages, eval_transform, extract_features, train_transform
+from .knn import topk_accuracy
+
+__all__ = [
+    "LinearRecipe",
+    "LinearClassifier",
+    "fit_linear",
+    "linear_probe",
+    "train_linear_protocol",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LinearRecipe:
+    """The optimisation of the linear layer (defaults: the MoCo protocol)."""
+
+    epochs: int = 100
+    lr: float = 30.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 256  # global, over all processes
+    milestones: Sequence[int] = (60, 80)  # epochs at which lr is divided by 10
+    normalize: str = "none"  # "none" or "standardize" (per-dimension, training statistics)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.normalize not in ("none", "standardize"):
+            raise ValueError(f"normalize must be 'none' or 'standardize', got {self.normalize!r}")
+
+    def as_dict(self) -> Dict:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+class LinearClassifier(nn.Module):
+    """``(x - mean) / std`` (identity unless standardised) followed by ``nn.Linear``."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.fc = nn.Linear(dim, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.01)  # as MoCo's linear classifier
+        nn.init.zeros_(self.fc.bias)
+
+    def standardize_with(self, x: torch.Tensor):
+        """Set mean/std from (N, dim) training features."""
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, dim) -> (N, num_classes) logits."""
+        return self.fc((x - self.mean) / self.std)
+
+
+def _optimizer(model: nn.Module, recipe: LinearRecipe, steps_per_epoch: int):
+    opt = torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+    )  # fmt: skip
+    # Stepped once per iteration, so the milestones are given in iterations.
+    sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, [m * steps_per_epoch for m in recipe.milestones], gamma=0.1
+    )
+    return opt, sched
+
+
+def fit_linear(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, recipe: LinearRecipe
+) -> LinearClassifier:
+    """
+    Train a linear classifier on cached features, in this process.
+
+    Args:
+        x: (N, D) float features, or (N, G, D): G candidates per sample, scored by one shared
+            linear function and normalised with a softmax over the G (``num_classes`` must be
+            1; the label is the index of the right candidate).
+        y: (N,) int64 labels.
+    Returns:
+        the trained :class:`LinearClassifier` (on the CPU, eval mode).
+    """
+    g = torch.Generator().manual_seed(recipe.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = LinearClassifier(x.shape[-1], num_classes)
+    if recipe.normalize == "standardize":
+        model.standardize_with(x.reshape(-1, x.shape[-1]))
+    batch = min(recipe.batch_size, len(x))
+    steps = max(1, len(x) // batch)  # drop the last partial batch, as a DataLoader would
+    opt, sched = _optimizer(model, recipe, steps)
+    for _ in range(recipe.epochs):
+        order = torch.randperm(len(x), generator=g)
+        for i in range(steps):
+            idx = order[i * batch : (i + 1) * batch]
+            loss = F.cross_entropy(_logits(model, x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The linear classifier diverged (loss {loss.item()}) at lr {recipe.lr}: lower "
+                "the learning rate or standardise the features (normalize='standardize')."
+            )
+    return model.eval()
+
+
+def _logits(model: LinearClassifier, x: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (N, C); (N, G, D) -> (N, G) scores of the G candidates."""
+    return model(x) if x.dim() == 2 else model(x).squeeze(-1)
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+    scores = torch.cat([_logits(model, c) for c in x.split(4096)])
+    out = {"top1": topk_accuracy(scores, y, 1)}
+    if scores.shape[1] > 5:
+        out["top5"] = topk_accuracy(scores, y, 5)
+    return out
+
+
+def linear_probe(
+    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+    num_classes: int, recipe: LinearRecipe,
+) -> Dict[str, float]:  # fmt: skip
+    """Fit on cached training features, evaluate on validation features: {"top1", "top5"} (%)."""
+    model = fit_linear(train_x.float(), train_y.long(), num_classes, recipe)
+    return _accuracy(model, val_x.float(), val_y.long())
+
+
+# ------------------------------------------------------------------------------------------
+# The published protocol: augmented images, frozen backbone in the loop
+# ------------------------------------------------------------------------------------------
+class _EpochOrder(torch.utils.data.Sampler):
+    """This process's slice of a permutation shared by all processes (same seed and epoch);
+    every process gets the same number of full batches."""
+
+    def __init__(self, n: int, batch_per_rank: int, seed: int):
+        self.n, self.batch, self.seed, self.epoch = n, batch_per_rank, seed, 0
+        self.world, self.rank = comm.get_world_size(), comm.get_rank()
+        self.steps = n // (batch_per_rank * self.world)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.steps * self.batch * self.world]
+        return iter(order.view(self.steps, self.world, self.batch)[:, self.rank].flatten().tolist())
+
+    def __len__(self):
+        return self.steps * self.batch
+
+
+def train_linear_protocol(
+    encoder: ReadoutEncoder,
+    train_records: List[Dict],
+    train_labels: np.ndarray,
+    val_records: List[Dict],
+    val_labels: np.ndarray,
+    num_classes: int,
+    recipe: LinearRecipe,
+    crop: int = 224,
+    resize: int = 256,
+    num_workers: int = 4,
+    checkpoint: Optional[str] = None,
+) -> Dict[str, float]:
+    """
+    The linear classification protocol with augmentation in every epoch (see module doc).
+
+    Args:
+        checkpoint: a file where the linear layer, optimizer and epoch are saved after every
+            epoch, and resumed from when it exists (long ImageNet runs).
+    Returns:
+        {"top1", "top5"} (%) on the validation set (every process).
+    """
+    world = comm.get_world_size()
+    if recipe.batch_size % world:
+        raise ValueError(f"batch size {recipe.batch_size} is not divisible by {world} processes")
+    if recipe.normalize != "none":
+        raise ValueError("The augmented protocol trains on raw features (normalize='none').")
+    dim = encoder(torch.zeros(1, 3, crop, crop, dtype=torch.uint8))["res5"].shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        head = LinearClassifier(dim, num_classes).to(encoder.device)
+    sampler = _EpochOrder(len(train_records), recipe.batch_size // world, recipe.seed)
+    if sampler.steps == 0:
+        raise ValueError(f"{len(train_records)} training images: fewer than one batch.")
+    loader = DataLoader(
+        ReadoutImages(train_records, train_transform(crop)), sampler=sampler,
+        batch_size=recipe.batch_size // world, num_workers=num_workers, drop_last=True,
+        persistent_workers=False,
+    )  # fmt: skip
+    model = create_ddp_model_any_device(head, broadcast_buffers=False)
+    opt, sched = _optimizer(model, recipe, sampler.steps)
+    labels = torch.as_tensor(train_labels, dtype=torch.long)
+    start_epoch = 0
+    if checkpoint and os.path.isfile(checkpoint):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state.get("recipe") != recipe.as_dict():
+            raise ValueError(f"{checkpoint} was written with another recipe; delete it to restart.")
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"]
+        logger.info(f"Resumed the linear classifier from {checkpoint} at epoch {start_epoch}")
+    for epoch in range(start_epoch, recipe.epochs):
+        sampler.epoch = epoch
+        for images, index in loader:
+            feats = encoder(images)["res5"]
+            loss = F.cross_entropy(model(feats), labels[index].to(feats.device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        logger.info(f"linear epoch {epoch + 1}/{recipe.epochs}: loss {loss.item():.3f}, "
+                    f"lr {sched.get_last_lr()[0]:g}")  # fmt: skip
+        if checkpoint and comm.is_main_process():
+            tmp = checkpoint + ".tmp"
+            torch.save({"epoch": epoch + 1, "head": head.state_dict(), "optimizer":
+                        opt.state_dict(), "scheduler": sched.state_dict(),
+                        "recipe": recipe.as_dict()}, tmp)  # fmt: skip
+            os.replace(tmp, checkpoint)
+    val = extract_features(
+        encoder, val_records, eval_transform(resize, crop), num_workers=num_workers, name="val"
+    )
+    head = head.cpu().eval()
+    return _accuracy(head, val["res5"], torch.as_tensor(val_labels, dtype=torch.long)[val["index"]])

@@ -1,0 +1,146 @@
+"""
+Readout results -> ``results.json`` (one entry per protocol, weights and data) and
+``results.md`` (one Markdown table per protocol), as ``eval_transfer.py run`` writes them; the
+JSON writer, machine description and date come from :mod:`insloc_detco.transfer.results`.
+"""
+
+import json
+import os
+from collections import OrderedDict
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from ..transfer.results import machine_description, now, write_json
+
+__all__ = [
+    "METRIC_COLUMNS",
+    "result_key",
+    "merge_results",
+    "markdown_tables",
+    "comparison_table",
+    "mean_std",
+    "format_mean_std",
+    "machine_description",
+    "now",
+]
+
+# Protocol -> the metrics its table shows, in order (others stay in results.json).
+METRIC_COLUMNS = OrderedDict(
+    [
+        ("knn", ["top1@k20", "top1@k200", "top5@k20", "top5@k200"]),
+        ("linear", ["top1", "top5"]),
+        ("loc", ["Loc", "ObjLoc", "Cls"]),
+        ("svm", [f"mAP11_res{i}" for i in (2, 3, 4, 5)] + [f"mAP_res{i}" for i in (2, 3, 4, 5)]),
+    ]
+)
+
+
+def result_key(protocol: str, weights: str, train: str, val: str, layout: str) -> str:
+    return f"{protocol} | {weights} | {layout} | {train} -> {val}"
+
+
+def merge_results(output_dir: str, entries: Dict[str, Dict]) -> Dict[str, Dict]:
+    """Merge ``entries`` into ``<output_dir>/results.json`` and rewrite ``results.md``."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "results.json")
+    merged = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            merged = json.load(f)
+    merged.update(entries)
+    write_json(path, merged)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(markdown_tables(merged))
+    return merged
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.1f}"
+
+
+def markdown_tables(results: Dict[str, Dict]) -> str:
+    """One table per protocol: weights, layout, data, the protocol's metrics, machine, date."""
+    out = []
+    for protocol, columns in METRIC_COLUMNS.items():
+        rows = [r for r in results.values() if r["protocol"] == protocol]
+        if not rows:
+            continue
+        cols = [c for c in columns if any(c in r["metrics"] for r in rows)]
+        out.append(f"### {protocol}\n")
+        head = " | ".join(cols)
+        out.append(f"| weights | layout | train -> val | {head} | machine | date |")
+        out.append("|---|---|---|" + "---|" * len(cols) + "---|---|")
+        for r in rows:
+            cells = [_fmt(r["metrics"].get(c)) for c in cols]
+            out.append(
+                f"| {os.path.basename(r['weights'])} | {r['layout']} | {r['train']} -> "
+                f"{r['val']} | " + " | ".join(cells) + f" | {r['machine']} | {r['date']} |"
+            )
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+# Column of the comparison table -> (protocol, metric, chance level as a function of the
+# number of classes and of grid cells M). kNN: k = 20, else the smallest k run.
+COMPARISON = OrderedDict(
+    [
+        ("kNN", ("knn", "top1@k", lambda c, m: 100.0 / c)),
+        ("Cls", ("loc", "Cls", lambda c, m: 100.0 / c)),
+        ("linear", ("linear", "top1", lambda c, m: 100.0 / c)),
+        ("Loc", ("loc", "Loc", lambda c, m: 100.0 / m)),
+        ("ObjLoc", ("loc", "ObjLoc", lambda c, m: 100.0 / m)),
+    ]
+)
+
+
+def comparison_table(results: Dict[str, Dict]) -> str:
+    """
+    One row per weights file, one column per readout found in ``results`` (kNN top-1 at
+    k = 20, Cls, linear top-1, Loc, ObjLoc), and a last row with the chance levels.
+    """
+    rows: "OrderedDict[str, Dict[str, float]]" = OrderedDict()
+    chance, cols = {}, []
+    for r in results.values():
+        for col, (protocol, metric, level) in COMPARISON.items():
+            if r["protocol"] != protocol:
+                continue
+            if metric == "top1@k":
+                ks = sorted(int(k[len(metric) :]) for k in r["metrics"] if k.startswith(metric))
+                metric = f"top1@k{20 if 20 in ks else ks[0]}" if ks else metric
+            if metric in r["metrics"]:
+                rows.setdefault(r["weights"], {})[col] = r["metrics"][metric]
+                grid = r["settings"].get("grid", 3)
+                chance[col] = level(r["num_classes"], grid * grid)
+                if col not in cols:
+                    cols.append(col)
+    cols = [c for c in COMPARISON if c in cols]
+    lines = ["| weights | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for weights, m in rows.items():
+        name = "random init" if weights == "random" else weights
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+    lines.append("| (chance) | " + " | ".join(_fmt(chance[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_std(values: Sequence[float]) -> Dict:
+    """{"mean", "std" (sample std; None for one value), "n", "values"}."""
+    values = [float(v) for v in values]
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def format_mean_std(stat: Dict) -> str:
+    if stat is None:
+        return "n/a"
+    if stat["std"] is None:
+        return f"{stat['mean']:.1f}"
+    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+
+def entries_of(results: Dict[str, Dict], protocol: str) -> List[Dict]:
+    return [r for r in results.values() if r["protocol"] == protocol]
