@@ -11,6 +11,9 @@ What did pretraining learn? Frozen-feature readouts of a pretraining checkpoint,
     python eval_readout.py loc output/pretrain_insloc_c4/model_final.pth --num-gpus 8
     # DetCo's per-stage VOC07 SVMs (res2..res5)
     python eval_readout.py svm output/pretrain_detco/model_final.pth --num-gpus 8
+    # augmented-view retrieval on held-out images: what the pretext task trains, no labels
+    python eval_readout.py views output/pretrain_moco_v2/model_final.pth random \
+        --train imagenet_cls_train --val imagenet_cls_val --precise-bn 2048
     # the generated labelled set, CPU, minutes: pretrained next to random init
     python eval_readout.py knn model_final.pth random --train demo_cls_train --val demo_cls_val \
         --output-dir output/readout
@@ -42,6 +45,7 @@ DEFAULT_DATA = {
     "linear": ("imagenet_cls_train", "imagenet_cls_val"),
     "loc": ("imagenet_cls_train", "imagenet_cls_val"),
     "svm": ("voc_2007_trainval", "voc_2007_test"),
+    "views": ("imagenet_cls_train", "imagenet_cls_val"),  # train: --precise-bn only
 }
 
 
@@ -110,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", type=lambda x: tuple(x.split(",")), default=STAGES)
     s.add_argument("--costs", type=_floats, default=DEFAULT_COSTS, help="cost sweep")
     s.add_argument("--folds", type=int, default=3, help="cross-validation folds for the cost")
+    v = sub.add_parser("views", parents=[common],
+                       help="augmented-view retrieval on the validation images (pretext task)")
+    v.add_argument("--stages", type=lambda x: tuple(x.split(",")), default=("res4", "res5"))
     return parser
 
 
@@ -138,6 +145,8 @@ def settings_from_args(args, opts) -> ReadoutSettings:
         s.grid = args.grid
     if args.protocol == "svm":
         s.stages, s.costs, s.folds = args.stages, args.costs, args.folds
+    if args.protocol == "views":
+        s.stages = args.stages
     return s
 
 

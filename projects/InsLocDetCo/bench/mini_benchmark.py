@@ -6,6 +6,8 @@ budget (iterations x batch, the same unlabeled images, the same optimiser), seve
 (detectron2 ``SEED``: seeded pretraining), then read out with frozen features on the generated
 labelled set ``demo_cls`` (one shape on a real photo; 2,000 train / 500 val):
 
+* Views: augmented-view retrieval on the 500 val images (the pretext task itself, on unseen
+  images; res5, chance 0.2 %), see ``insloc_detco/readout/views.py``;
 * kNN: weighted kNN (k 20, T 0.07) of the shape class on pooled res5;
 * Cls: linear classification of the shape class on pooled res5;
 * Loc: InsLoc's linear localization readout (cell index of a 3 x 3 grid from the cell's RoI
@@ -45,14 +47,14 @@ METHODS = {
     "insloc_fpn": "instant_test/pretrain_insloc_fpn.yaml",
     "detco": "instant_test/pretrain_detco.yaml",
 }
-COLUMNS = ("kNN", "Cls", "Loc", "ObjLoc")
+COLUMNS = ("Views", "kNN", "Cls", "Loc", "ObjLoc")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--seeds", type=int, default=3, help="pretraining seeds per method (1..N)")
-    p.add_argument("--pretrain-iters", type=int, default=300)
+    p.add_argument("--pretrain-iters", type=int, default=200)
     p.add_argument("--pretrain-batch", type=int, default=32)
     p.add_argument("--pretrain-lr", type=float, default=0.06)
     p.add_argument("--momentum", type=float, default=0.99,
@@ -184,6 +186,7 @@ def readout_model(
         object_cell_probe,
         object_cells,
     )
+    from insloc_detco.readout.views import pretraining_view_transform, view_retrieval_top1
 
     train, classes = get_readout_dataset("demo_cls_train")
     val, _ = get_readout_dataset("demo_cls_val")
@@ -198,10 +201,14 @@ def readout_model(
     cells = train[:cells_images]
     f_trc = extract_features(encoder, cells, tf, ("res5",), boxes, num_workers=0)
     f_va = extract_features(encoder, val, tf, ("res5",), boxes, num_workers=0)
+    view = pretraining_view_transform(size)
+    views = [extract_features(encoder, val, view, ("res5",), num_workers=0, seed=v * 10_000_000)
+             for v in (0, 1)]  # fmt: skip
     y_tr, y_va = torch.as_tensor(class_labels(train)), torch.as_tensor(class_labels(val))
     # Cached features: standardised, so one learning rate fits random and pretrained features.
     recipe = LinearRecipe(normalize="standardize", seed=seed)
     out = {
+        "Views": view_retrieval_top1(*({"res5": v["res5"]} for v in views))["top1_res5"],
         "kNN": knn_accuracy(f_tr["res5"], y_tr, f_va["res5"], y_va, len(classes), (20,))[
             "top1@k20"
         ],

@@ -223,3 +223,52 @@ def test_image_level_targets_single_label_and_voc_difficult(tmp_path):
     MetadataCatalog.get("t_voc_like").set(dirname=str(tmp_path))
     record = {"image_id": "img1", "annotations": [{"category_id": 0}, {"category_id": 1}]}
     assert image_level_targets([record], ["a", "b", "c"], "t_voc_like").tolist() == [[1, 0, -1]]
+
+
+# ------------------------------------------------------------------------------------------
+# Augmented-view retrieval
+# ------------------------------------------------------------------------------------------
+def test_view_retrieval_invariant_features_100_random_near_chance():
+    from insloc_detco.readout.views import view_retrieval_top1
+
+    g = torch.Generator().manual_seed(0)
+    identity = torch.randn(500, 64, generator=g)  # what a view-invariant feature would see
+    a = {"res4": identity + 0.05 * torch.randn(500, 64, generator=g),
+         "res5": torch.randn(500, 64, generator=g)}  # fmt: skip
+    b = {"res4": identity + 0.05 * torch.randn(500, 64, generator=g),
+         "res5": torch.randn(500, 64, generator=g)}  # fmt: skip
+    out = view_retrieval_top1(a, b)
+    assert out["top1_res4"] == 100.0
+    assert out["top1_res5"] < 2.0  # chance 0.2 %
+    # Row order is the pairing: shuffling view B's rows breaks it.
+    perm = torch.randperm(500, generator=g)
+    assert view_retrieval_top1({"res4": a["res4"]}, {"res4": b["res4"][perm]})["top1_res4"] < 2
+    with pytest.raises(ValueError, match="shapes"):
+        view_retrieval_top1({"res4": a["res4"]}, {"res4": b["res4"][:10]})
+
+
+def test_view_transform_is_the_pretraining_augmentation_and_seeded(tmp_path):
+    from PIL import Image
+
+    from insloc_detco.readout.features import ReadoutImages
+    from insloc_detco.readout.views import pretraining_view_transform
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(3):
+        path = str(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+        records.append({"file_name": path})
+    view = pretraining_view_transform(32)
+    first = ReadoutImages(records, view, seed=100)
+    again = ReadoutImages(records, view, indices=[2, 1, 0], seed=100)  # other order, same views
+    other = ReadoutImages(records, view, seed=200)
+    for i in range(3):
+        x, idx = first[i]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and idx == i
+        assert torch.equal(x, again[2 - i][0])
+        assert not torch.equal(x, other[i][0])
+    # Many views of one image vary as MoCo v2's do: some grayscale (R = G = B) ones, not all.
+    gray = [bool((v[0] == v[1]).all() and (v[1] == v[2]).all())
+            for v in (ReadoutImages(records[:1], view, seed=s)[0][0] for s in range(200))]
+    assert 0.1 < np.mean(gray) < 0.3  # p 0.2

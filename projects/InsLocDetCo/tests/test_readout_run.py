@@ -211,10 +211,13 @@ def test_eval_readout_every_protocol(tiny_cls, moco, tmp_path, capsys):
     assert main(["linear", ckpt, *TINY, *TINY_CLASSIFIER, "--cached", "--output-dir", out]) == 0
     assert main(["svm", ckpt, *TINY, "--stages", "res4,res5", "--costs", "0.1,1",
                  "--output-dir", out]) == 0  # fmt: skip
+    assert main(["views", ckpt, *TINY, "--output-dir", out]) == 0
     results = _results(out)
     by = {(r["protocol"], os.path.basename(r["weights"])): r for r in results.values()}
     assert set(by) == {("knn", "model_final.pth"), ("knn", "random"), ("loc", "model_final.pth"),
-                       ("linear", "model_final.pth"), ("svm", "model_final.pth")}  # fmt: skip
+                       ("linear", "model_final.pth"), ("svm", "model_final.pth"),
+                       ("views", "model_final.pth")}  # fmt: skip
+    assert set(by["views", "model_final.pth"]["metrics"]) == {"top1_res4", "top1_res5"}
     assert set(by["knn", "random"]["metrics"]) == {"top1@k5", "top5@k5", "top1@k10", "top5@k10"}
     assert set(by["loc", "model_final.pth"]["metrics"]) == {"Loc", "ObjLoc", "Cls"}
     assert set(by["svm", "model_final.pth"]["metrics"]) == {
@@ -226,14 +229,15 @@ def test_eval_readout_every_protocol(tiny_cls, moco, tmp_path, capsys):
     assert "random initialisation" in by["knn", "random"]["weights_loaded"]
     with open(os.path.join(out, "results.md")) as f:
         md = f.read()
-    for section in ("### knn", "### linear", "### loc", "### svm"):
+    for section in ("### knn", "### linear", "### loc", "### svm", "### views"):
         assert section in md
     # One comparison table: a row per weights file, chance levels (8 classes, 9 cells) last.
     capsys.readouterr()
     assert main(["table", out]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0] == "| weights | kNN | Cls | linear | Loc | ObjLoc |"
-    assert table[-1] == "| (chance) | 12.5 | 12.5 | 12.5 | 11.1 | 11.1 |"
+    assert table[0] == "| weights | Views res4 | Views res5 | kNN | Cls | linear | Loc | ObjLoc |"
+    # chance: 1 / 24 validation images, 1 / 8 classes, 1 / 9 cells
+    assert table[-1] == "| (chance) | 4.2 | 4.2 | 12.5 | 12.5 | 12.5 | 11.1 | 11.1 |"
     assert any(line.startswith("| random init | ") for line in table)
     assert main(["table", str(tmp_path / "nothing")]) == 2
     # Default output folder: readout/ next to the checkpoint.

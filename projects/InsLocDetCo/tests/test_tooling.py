@@ -17,6 +17,8 @@ def test_make_clean_removes_what_commands_create_and_keeps_user_data(tmp_path):
         "projects/InsLocDetCo/output/pretrain_moco_v2/log.txt",  # README commands, run there
         "datasets/demo_det/images/train/0.jpg",
         "projects/InsLocDetCo/datasets/demo_det/images/train/0.jpg",
+        "datasets/demo_cls/train/disk/000000.jpg",  # make demo's readout
+        "projects/InsLocDetCo/datasets/demo_cls/val/disk/002000.jpg",
     ]
     users = ["datasets/imagenet/train/n01/a.JPEG"]
     for rel in created + users:

@@ -43,12 +43,16 @@ def train_transform(crop: int):
 
 
 class ReadoutImages(Dataset):
-    """``records[indices[i]]`` decoded to (3, H, W) uint8 RGB, transformed: (image, index)."""
+    """``records[indices[i]]`` decoded to (3, H, W) uint8 RGB, transformed: (image, index).
+    ``seed``: a random ``transform`` draws record ``index``'s parameters from the torch seed
+    ``seed + index``, the same in any process, loader worker or batch order."""
 
-    def __init__(self, records: List[Dict], transform, indices: Optional[Sequence[int]] = None):
+    def __init__(self, records: List[Dict], transform, indices: Optional[Sequence[int]] = None,
+                 seed: Optional[int] = None):  # fmt: skip
         self.records = records
         self.transform = transform
         self.indices = list(range(len(records))) if indices is None else list(indices)
+        self.seed = seed
 
     def __len__(self):
         return len(self.indices)
@@ -61,7 +65,11 @@ class ReadoutImages(Dataset):
         except UnreadableImageError as e:
             # A readout's score is over the whole set: skipping an image would change it.
             raise ReadoutError(f"Cannot read an image of the readout data set: {e}") from None
-        return self.transform(image), index
+        if self.seed is None:
+            return self.transform(image), index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + index)
+            return self.transform(image), index
 
 
 def image_batches(records: List[Dict], transform, batch_size: int, num_workers: int = 0):
@@ -109,6 +117,7 @@ def extract_features(
     num_workers: int = 2,
     gather: bool = True,
     name: str = "",
+    seed: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
     """
     Args:
@@ -121,12 +130,13 @@ def extract_features(
             are returned as "boxes", M rows per record.
         gather: all-gather to every process in record order; False: this process's shard.
         name: for the log.
+        seed: for a random ``transform``, see :class:`ReadoutImages`.
     Returns:
         {"index": (n,) record indices, stage: (n, C), "boxes": (n * M, D)}: float32 on the CPU.
     """
     indices = shard(len(records))
     loader = DataLoader(
-        ReadoutImages(records, transform, indices),
+        ReadoutImages(records, transform, indices, seed),
         batch_size=batch_size,
         num_workers=num_workers,
         shuffle=False,

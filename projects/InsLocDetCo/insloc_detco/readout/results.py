@@ -32,6 +32,7 @@ METRIC_COLUMNS = OrderedDict(
         ("linear", ["top1", "top5"]),
         ("loc", ["Loc", "ObjLoc", "Cls"]),
         ("svm", [f"mAP11_res{i}" for i in (2, 3, 4, 5)] + [f"mAP_res{i}" for i in (2, 3, 4, 5)]),
+        ("views", [f"top1_res{i}" for i in (2, 3, 4, 5)]),
     ]
 )
 
@@ -81,23 +82,38 @@ def markdown_tables(results: Dict[str, Dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-# Column of the comparison table -> (protocol, metric, chance level as a function of the
-# number of classes and of grid cells M). kNN: k = 20, else the smallest k run.
+# Column of the comparison table -> (protocol, metric, chance level of a result entry: 1 / the
+# classes, the grid cells or the validation images). kNN: k = 20, else the smallest k run.
+def _classes(r):
+    return 100.0 / r["num_classes"]
+
+
+def _cells(r):
+    return 100.0 / r["settings"].get("grid", 3) ** 2
+
+
+def _images(r):
+    return 100.0 / r["num_val"]
+
+
 COMPARISON = OrderedDict(
     [
-        ("kNN", ("knn", "top1@k", lambda c, m: 100.0 / c)),
-        ("Cls", ("loc", "Cls", lambda c, m: 100.0 / c)),
-        ("linear", ("linear", "top1", lambda c, m: 100.0 / c)),
-        ("Loc", ("loc", "Loc", lambda c, m: 100.0 / m)),
-        ("ObjLoc", ("loc", "ObjLoc", lambda c, m: 100.0 / m)),
+        ("Views res4", ("views", "top1_res4", _images)),
+        ("Views res5", ("views", "top1_res5", _images)),
+        ("kNN", ("knn", "top1@k", _classes)),
+        ("Cls", ("loc", "Cls", _classes)),
+        ("linear", ("linear", "top1", _classes)),
+        ("Loc", ("loc", "Loc", _cells)),
+        ("ObjLoc", ("loc", "ObjLoc", _cells)),
     ]
 )
 
 
 def comparison_table(results: Dict[str, Dict]) -> str:
     """
-    One row per weights file, one column per readout found in ``results`` (kNN top-1 at
-    k = 20, Cls, linear top-1, Loc, ObjLoc), and a last row with the chance levels.
+    One row per weights file, one column per readout found in ``results`` (view retrieval
+    top-1 on res4 / res5, kNN top-1 at k = 20, Cls, linear top-1, Loc, ObjLoc), and a last row
+    with the chance levels.
     """
     rows: "OrderedDict[str, Dict[str, float]]" = OrderedDict()
     chance, cols = {}, []
@@ -110,8 +126,7 @@ def comparison_table(results: Dict[str, Dict]) -> str:
                 metric = f"top1@k{20 if 20 in ks else ks[0]}" if ks else metric
             if metric in r["metrics"]:
                 rows.setdefault(r["weights"], {})[col] = r["metrics"][metric]
-                grid = r["settings"].get("grid", 3)
-                chance[col] = level(r["num_classes"], grid * grid)
+                chance[col] = level(r)
                 if col not in cols:
                     cols.append(col)
     cols = [c for c in COMPARISON if c in cols]

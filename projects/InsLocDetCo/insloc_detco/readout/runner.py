@@ -1,6 +1,6 @@
 """
-One command per readout protocol (``eval_readout.py {knn,linear,loc,svm}``): check the data and
-the weights in the launching process, then extract features and run the protocol in every
+One command per readout protocol (``eval_readout.py {knn,linear,loc,svm,views}``): check the
+data and the weights in the launching process, then extract features and run the protocol in every
 launched process (``detectron2.engine.launch``: GPUs, or CPU processes over gloo), and write
 ``results.json`` / ``results.md`` from the main process.
 """
@@ -13,10 +13,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from detectron2.engine import launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..engine.launch import launch
 from ..transfer.converter import ConversionError
 from .datasets import class_labels, get_readout_dataset, image_level_targets
 from .encoder import RANDOM_INIT, STAGES, ReadoutError, build_readout_encoder
@@ -26,6 +26,7 @@ from .linear import LinearRecipe, linear_probe, train_linear_protocol
 from .localization import grid_boxes, localization_probe, object_cell_probe, object_cells
 from .results import machine_description, merge_results, now, result_key
 from .svm import DEFAULT_COSTS, svm_readout
+from .views import pretraining_view_transform, view_retrieval_top1
 
 __all__ = [
     "PROTOCOLS",
@@ -39,7 +40,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("knn", "linear", "loc", "svm")
+PROTOCOLS = ("knn", "linear", "loc", "svm", "views")
 
 
 @dataclass
@@ -72,7 +73,7 @@ class ReadoutSettings:
     cached: bool = False  # linear: train on features extracted once (no augmentation)
     # loc
     grid: int = 3
-    # svm
+    # svm (and views)
     stages: Sequence[str] = STAGES
     costs: Sequence[float] = DEFAULT_COSTS
     folds: int = 3
@@ -207,6 +208,18 @@ def _svm(encoder, s: ReadoutSettings, d: ReadoutData) -> Dict:
     )  # fmt: skip
 
 
+def _views(encoder, s: ReadoutSettings, d: ReadoutData) -> Dict:
+    # Two views of every validation image, each drawn from its own seeds (labels unused).
+    view = pretraining_view_transform(d.crop)
+    a, b = (extract_features(encoder, d.val, view, stages=s.stages, batch_size=s.batch_size,
+                             num_workers=s.num_workers, name=f"{s.val} view {v}",
+                             seed=(2 * s.seed + v) * 10_000_000)
+            for v in (0, 1))  # fmt: skip
+    if not comm.is_main_process():
+        return {}
+    return view_retrieval_top1({k: a[k] for k in s.stages}, {k: b[k] for k in s.stages})
+
+
 def readout_one(
     weights: str, s: ReadoutSettings, output_dir: str, data: Optional[ReadoutData] = None
 ) -> Dict:
@@ -239,6 +252,8 @@ def readout_one(
         metrics = _loc(encoder, s, d)
     elif s.protocol == "svm":
         metrics = _svm(encoder, s, d)
+    elif s.protocol == "views":
+        metrics = _views(encoder, s, d)
     else:
         raise ReadoutError(f"Unknown protocol '{s.protocol}'; choose one of {PROTOCOLS}.")
     comm.synchronize()
