@@ -20,14 +20,13 @@ of the square images, used by the readouts as their default input size).
 
 import json
 import os
-import shutil
 from typing import Dict, List, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image, ImageDraw
 
-from ..transfer.demo_det import _load_photos, _random_crop
+from ..transfer.demo_det import _load_photos, _random_crop, generate_once
 
 __all__ = [
     "DEMO_CLS_CLASSES",
@@ -79,18 +78,8 @@ def ensure_demo_cls(
         size: side of the square images.
     """
     version = _version(splits, size)
-    if _is_complete(root, version):
-        return root
-    tmp = f"{root}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _generate(tmp, splits, size, version)
-    if os.path.isdir(root) and not _is_complete(root, version):
-        shutil.rmtree(root, ignore_errors=True)  # an old version or an interrupted write
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first: its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return generate_once(root, lambda r: _is_complete(r, version),
+                         lambda tmp: _generate(tmp, splits, size, version))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------

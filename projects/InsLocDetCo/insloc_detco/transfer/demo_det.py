@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import xml.etree.ElementTree as ET
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -61,12 +61,22 @@ def demo_det_root() -> str:
 
 def ensure_demo_det(root: str) -> str:
     """Generate the set under ``root`` unless a complete one of this version is there."""
-    if _is_complete(root):
+    return generate_once(root, _is_complete, _generate)
+
+
+def generate_once(root: str, is_complete: Callable[[str], bool],
+                  generate: Callable[[str], None]) -> str:  # fmt: skip
+    """
+    Make a generated data set appear at ``root`` whole or not at all: ``generate(tmp)`` writes
+    a private folder that is then renamed to ``root``, unless ``is_complete(root)`` already.
+    Processes racing to generate the same set are safe (their copies are identical).
+    """
+    if is_complete(root):
         return root
     tmp = f"{root}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    _generate(tmp)
-    if os.path.isdir(root) and not _is_complete(root):
+    generate(tmp)
+    if os.path.isdir(root) and not is_complete(root):
         shutil.rmtree(root, ignore_errors=True)  # an old version or an interrupted write
     try:
         os.rename(tmp, root)
