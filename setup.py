@@ -23,5 +23,9 @@ setup(
         "Pillow",
         # detectron2 is not on PyPI: install it from source, or run scripts/setup_env.sh.
     ],
-    extras_require={"demo": ["scikit-image"], "readout": ["scikit-learn"], "dev": ["pytest", "ruff"]},
+    extras_require={
+        "demo": ["scikit-image"],
+        "readout": ["scikit-learn"],
+        "dev": ["pytest", "ruff"],
+    },
 )
