@@ -146,12 +146,14 @@ def pretext_summary(run_dir: str, queue_size: int) -> dict:
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path):
         return {}
-    records = [json.loads(ln) for ln in open(path) if ln.strip()]
-    records = [r for r in records if "total_loss" in r]
+    every = [json.loads(ln) for ln in open(path) if ln.strip()]
+    records = [r for r in every if "total_loss" in r]
     if not records:
         return {}
     last = records[-1]
-    accs = {k: v for k, v in last.items() if k.startswith("[metric]acc/")}
+    # Accuracies are written every SOLVER.LOG_PERIOD, not on every record: the last that has them.
+    with_acc = [r for r in every if any(k.startswith("[metric]acc/") for k in r)]
+    accs = {k: v for k, v in (with_acc or [{}])[-1].items() if k.startswith("[metric]acc/")}
     # The image-level term of the deepest level: MoCo v2's only term, InsLoc's P5 / res4,
     # DetCo's global res5 term.
     preferred = ("acc/moco", "acc/insloc_p5", "acc/insloc_res4", "acc/res5_gg")
@@ -309,7 +311,10 @@ def main(argv=None):
     with ProcessPoolExecutor(max_workers=args.jobs) as ex:
         for (m, s), ckpt in checkpoints.items():
             done = previous.get(m, {}).get(str(s))
-            if done and done.get("weights") == ckpt and "metrics" in done:
+            complete = done and set(COLUMNS) <= set(done.get("metrics", {}))
+            if complete and done.get("weights") == ckpt:
+                if ckpt != "random":
+                    done["pretext"] = pretext_summary(os.path.dirname(ckpt), args.queue_size)
                 runs[m][str(s)] = done
                 continue
             todo[ex.submit(readout_model, ckpt, s, args.readout_cells_images,
