@@ -251,7 +251,7 @@ def finetune(method: str, seed: int, weights: str, args) -> dict:
 # Table
 # ------------------------------------------------------------------------------------------
 def summarize(runs: dict, columns) -> dict:
-    from insloc_detco.readout.results import mean_std
+    from insloc_detco.transfer.results import mean_std
 
     out = {}
     for method, seeds in runs.items():
@@ -268,13 +268,13 @@ def summarize(runs: dict, columns) -> dict:
 
 
 def table(summary: dict, columns, seeds: int) -> str:
-    from insloc_detco.readout.results import format_mean_std
+    from insloc_detco.transfer.results import format_mean_std
 
     cols = list(columns) + ["pretext top-1"]
     lines = ["| pretraining | " + " | ".join(cols) + " | seeds |",
              "|---" * (len(cols) + 2) + "|"]  # fmt: skip
     for method, s in summary.items():
-        cells = [format_mean_std(s.get(c)) if c in s else "n/a" for c in cols]
+        cells = [format_mean_std(s.get(c)) for c in cols]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {seeds} |")
     return "\n".join(lines)
 

@@ -139,21 +139,15 @@ def finetune(method: str, weights: str, args, start: float) -> dict:
 
 
 def table(results: dict) -> str:
+    from insloc_detco.transfer.results import format_mean_std
+
     cols = ("AP", "AP50", "AP75", "APmask")
     lines = [
         "| pretraining | " + " | ".join(cols) + " | seeds |",
         "|---" * (len(cols) + 2) + "|",
     ]
     for method, r in results.items():
-        s = r["summary"]
-        cells = []
-        for c in cols:
-            v = s.get(c)
-            if v is None:
-                cells.append("n/a")
-            else:
-                std = "" if v["std"] is None else f" ± {v['std']:.1f}"
-                cells.append(f"{v['mean']:.1f}{std}")
+        cells = [format_mean_std(r["summary"].get(c)) for c in cols]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(r['trials'])} |")
     return "\n".join(lines)
 

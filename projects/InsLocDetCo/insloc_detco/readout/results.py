@@ -1,17 +1,21 @@
 """
 Readout results -> ``results.json`` (one entry per protocol, weights and data) and
 ``results.md`` (one Markdown table per protocol), as ``eval_transfer.py run`` writes them; the
-JSON writer, machine description and date come from :mod:`insloc_detco.transfer.results`.
+JSON files, machine description, date and mean +- std come from
+:mod:`insloc_detco.transfer.results`.
 """
 
-import json
 import os
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
-import numpy as np
-
-from ..transfer.results import machine_description, now, write_json
+from ..transfer.results import (
+    format_mean_std,
+    machine_description,
+    mean_std,
+    merge_results_files,
+    now,
+)
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -41,19 +45,9 @@ def result_key(protocol: str, weights: str, train: str, val: str, layout: str) -
     return f"{protocol} | {weights} | {layout} | {train} -> {val}"
 
 
-def merge_results(output_dir: str, entries: Dict[str, Dict]) -> Dict[str, Dict]:
+def merge_results(output_dir: str, entries: Dict[str, Dict]):
     """Merge ``entries`` into ``<output_dir>/results.json`` and rewrite ``results.md``."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "results.json")
-    merged = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            merged = json.load(f)
-    merged.update(entries)
-    write_json(path, merged)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(markdown_tables(merged))
-    return merged
+    merge_results_files(output_dir, entries, markdown_tables)
 
 
 def _fmt(v) -> str:
@@ -137,24 +131,6 @@ def comparison_table(results: Dict[str, Dict]) -> str:
     lines.append("| (chance) | " + " | ".join(_fmt(chance[c]) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
-
-def mean_std(values: Sequence[float]) -> Dict:
-    """{"mean", "std" (sample std; None for one value), "n", "values"}."""
-    values = [float(v) for v in values]
-    return {
-        "mean": float(np.mean(values)),
-        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-        "n": len(values),
-        "values": values,
-    }
-
-
-def format_mean_std(stat: Dict) -> str:
-    if stat is None:
-        return "n/a"
-    if stat["std"] is None:
-        return f"{stat['mean']:.1f}"
-    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
 def entries_of(results: Dict[str, Dict], protocol: str) -> List[Dict]:

@@ -11,12 +11,21 @@ import os
 import platform
 from collections import OrderedDict
 from datetime import datetime, timezone
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["COLUMNS", "machine_description", "summarize", "markdown_table", "write_json"]
+__all__ = [
+    "COLUMNS",
+    "machine_description",
+    "mean_std",
+    "format_mean_std",
+    "summarize",
+    "markdown_table",
+    "write_json",
+    "merge_results_files",
+]
 
 # Column name -> (evaluator task, metric).
 COLUMNS = OrderedDict(
@@ -71,19 +80,25 @@ def summarize(trials: List[Dict]) -> Dict[str, Dict]:
         values = [t["metrics"].get(task, {}).get(metric) for t in trials]
         if not values or any(v is None for v in values):
             continue
-        values = [float(v) for v in values]
-        out[column] = {
-            "mean": float(np.mean(values)),
-            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-            "n": len(values),
-            "values": values,
-        }
+        out[column] = mean_std(values)
     return out
 
 
-def _cell(stat: Optional[Dict]) -> str:
+def mean_std(values: Sequence[float]) -> Dict:
+    """{"mean", "std" (sample std; None for one value), "n", "values"}."""
+    values = [float(v) for v in values]
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def format_mean_std(stat: Optional[Dict], missing: str = "n/a") -> str:
+    """A :func:`mean_std` as "m ± s" (one decimal; "m" for one value; ``missing`` for None)."""
     if stat is None:
-        return ""
+        return missing
     if stat["std"] is None:
         return f"{stat['mean']:.1f}"
     return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
@@ -101,10 +116,34 @@ def markdown_table(results: Dict[str, Dict]) -> str:
     ]
     for name, r in results.items():
         s = r["summary"]
-        cells = [_cell(s.get(c)) for c in COLUMNS]
+        cells = [format_mean_std(s.get(c), missing="") for c in COLUMNS]
         lines.append(
             f"| {name} | {os.path.basename(r['weights'])} | {len(r['trials'])} | "
             + " | ".join(cells)
             + f" | {r['machine']} | {r['date']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def merge_results_files(
+    output_dir: str, entries: Dict[str, Dict], render: Callable[[Dict[str, Dict]], str]
+) -> str:
+    """
+    Merge ``entries`` into ``<output_dir>/results.json`` (entries of earlier runs are kept,
+    same keys replaced) and rewrite ``results.md`` as ``render(merged)``.
+
+    Returns:
+        the Markdown written.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "results.json")
+    merged = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            merged = json.load(f)
+    merged.update(entries)
+    write_json(path, merged)
+    text = render(merged)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(text)
+    return text

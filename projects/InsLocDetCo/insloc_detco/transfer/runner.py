@@ -46,7 +46,14 @@ from .converter import (
     save_model_zoo_pkl,
     target_of_config,
 )
-from .results import machine_description, markdown_table, now, summarize, write_json
+from .results import (
+    machine_description,
+    markdown_table,
+    merge_results_files,
+    now,
+    summarize,
+    write_json,
+)
 from .subsets import ensure_subset_registered
 from .trainer import TransferTrainer
 from .trial_state import file_sha256, prepare_trial_dir
@@ -346,14 +353,5 @@ def run_benchmarks(
 
 def _write_tables(output_dir: str, results: Dict[str, Dict]):
     """Merge into the folder's results.json (other benchmarks run earlier are kept)."""
-    path = os.path.join(output_dir, "results.json")
-    merged = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            merged = json.load(f)
-    merged.update(results)
-    write_json(path, merged)
-    table = markdown_table(merged)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table)
-    logger.info(f"Results ({path}):\n{table}")
+    table = merge_results_files(output_dir, results, markdown_table)
+    logger.info(f"Results ({os.path.join(output_dir, 'results.json')}):\n{table}")
