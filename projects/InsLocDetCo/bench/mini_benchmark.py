@@ -188,7 +188,7 @@ def readout_model(
         object_cell_probe,
         object_cells,
     )
-    from insloc_detco.readout.views import pretraining_view_transform, view_retrieval_top1
+    from insloc_detco.readout.views import view_retrieval
 
     train, classes = get_readout_dataset("demo_cls_train")
     val, _ = get_readout_dataset("demo_cls_val")
@@ -203,14 +203,11 @@ def readout_model(
     cells = train[:cells_images]
     f_trc = extract_features(encoder, cells, tf, ("res5",), boxes, num_workers=0)
     f_va = extract_features(encoder, val, tf, ("res5",), boxes, num_workers=0)
-    view = pretraining_view_transform(size)
-    views = [extract_features(encoder, val, view, ("res5",), num_workers=0, seed=v * 10_000_000)
-             for v in (0, 1)]  # fmt: skip
     y_tr, y_va = torch.as_tensor(class_labels(train)), torch.as_tensor(class_labels(val))
     # Cached features: standardised, so one learning rate fits random and pretrained features.
     recipe = LinearRecipe(normalize="standardize", seed=seed)
     out = {
-        "Views": view_retrieval_top1(*({"res5": v["res5"]} for v in views))["top1_res5"],
+        "Views": view_retrieval(encoder, val, size, ("res5",))["top1_res5"],
         "kNN": knn_accuracy(f_tr["res5"], y_tr, f_va["res5"], y_va, len(classes), (20,))[
             "top1@k20"
         ],

@@ -240,6 +240,7 @@ def test_view_retrieval_invariant_features_100_random_near_chance():
     out = view_retrieval_top1(a, b)
     assert out["top1_res4"] == 100.0
     assert out["top1_res5"] < 2.0  # chance 0.2 %
+    assert view_retrieval_top1(a, b, chunk=7) == out  # compared in blocks: the same answer
     # Row order is the pairing: shuffling view B's rows breaks it.
     perm = torch.randperm(500, generator=g)
     assert view_retrieval_top1({"res4": a["res4"]}, {"res4": b["res4"][perm]})["top1_res4"] < 2

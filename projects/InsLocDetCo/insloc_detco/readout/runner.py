@@ -26,7 +26,7 @@ from .linear import LinearRecipe, linear_probe, train_linear_protocol
 from .localization import grid_boxes, localization_probe, object_cell_probe, object_cells
 from .results import machine_description, merge_results, now, result_key
 from .svm import DEFAULT_COSTS, svm_readout
-from .views import pretraining_view_transform, view_retrieval_top1
+from .views import view_retrieval
 
 __all__ = [
     "PROTOCOLS",
@@ -209,15 +209,9 @@ def _svm(encoder, s: ReadoutSettings, d: ReadoutData) -> Dict:
 
 
 def _views(encoder, s: ReadoutSettings, d: ReadoutData) -> Dict:
-    # Two views of every validation image, each drawn from its own seeds (labels unused).
-    view = pretraining_view_transform(d.crop)
-    a, b = (extract_features(encoder, d.val, view, stages=s.stages, batch_size=s.batch_size,
-                             num_workers=s.num_workers, name=f"{s.val} view {v}",
-                             seed=(2 * s.seed + v) * 10_000_000)
-            for v in (0, 1))  # fmt: skip
-    if not comm.is_main_process():
-        return {}
-    return view_retrieval_top1({k: a[k] for k in s.stages}, {k: b[k] for k in s.stages})
+    # Two views of every validation image (labels unused).
+    return view_retrieval(encoder, d.val, d.crop, s.stages, s.seed, s.batch_size,
+                          s.num_workers, s.val)  # fmt: skip
 
 
 def readout_one(

@@ -13,12 +13,15 @@ right when its nearest view-B neighbour (cosine) is the other view of its own im
 transfer, which the semantic readouts and the detection fine-tunes measure.
 """
 
-from typing import Dict
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
+from detectron2.utils import comm
 
-__all__ = ["pretraining_view_transform", "view_retrieval_top1"]
+from .features import extract_features
+
+__all__ = ["pretraining_view_transform", "view_retrieval", "view_retrieval_top1"]
 
 
 class _PretrainingView:
@@ -44,11 +47,37 @@ def pretraining_view_transform(size: int) -> _PretrainingView:
     return _PretrainingView(size)
 
 
-def view_retrieval_top1(views_a: Dict[str, torch.Tensor], views_b: Dict[str, torch.Tensor]):
+def view_retrieval(
+    encoder, records: List[Dict], size: int, stages: Sequence[str], seed: int = 0,
+    batch_size: int = 64, num_workers: int = 0, name: str = "",
+) -> Dict[str, float]:  # fmt: skip
+    """
+    The readout on ``records``: two views of each (view v of record i drawn from the torch seed
+    ``(2 * seed + v) * 10**7 + i``), features of ``stages`` in every process, the retrieval in
+    the main process.
+
+    Returns:
+        {"top1_<stage>": %} in the main process, {} in the others.
+    """
+    view = pretraining_view_transform(size)
+    a, b = (extract_features(encoder, records, view, stages=stages, batch_size=batch_size,
+                             num_workers=num_workers, name=f"{name} view {v}",
+                             seed=(2 * seed + v) * 10_000_000)
+            for v in (0, 1))  # fmt: skip
+    if not comm.is_main_process():
+        return {}
+    return view_retrieval_top1({k: a[k] for k in stages}, {k: b[k] for k in stages})
+
+
+def view_retrieval_top1(
+    views_a: Dict[str, torch.Tensor], views_b: Dict[str, torch.Tensor], chunk: int = 4096
+):
     """
     Args:
         views_a, views_b: {stage: (N, C)} features of view A / view B of the same N images,
             in the same order.
+        chunk: view-A rows compared at a time (the full N x N similarity of a 50,000-image
+            validation set would take 10 GB).
     Returns:
         {"top1_<stage>": % of view-A rows whose most similar view-B row (cosine) is row i}.
     """
@@ -57,7 +86,10 @@ def view_retrieval_top1(views_a: Dict[str, torch.Tensor], views_b: Dict[str, tor
         b = views_b[stage]
         if a.shape != b.shape or a.dim() != 2:
             raise ValueError(f"{stage}: view features of different shapes {a.shape} {b.shape}")
-        sim = F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T
-        hits = sim.argmax(dim=1).eq(torch.arange(len(a), device=sim.device))
-        out[f"top1_{stage}"] = 100.0 * hits.float().mean().item()
+        a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
+        hits = 0
+        for i in range(0, len(a), chunk):
+            nearest = (a[i : i + chunk] @ b.T).argmax(dim=1)
+            hits += nearest.eq(torch.arange(i, i + len(nearest), device=nearest.device)).sum()
+        out[f"top1_{stage}"] = 100.0 * int(hits) / len(a)
     return out
