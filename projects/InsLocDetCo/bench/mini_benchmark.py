@@ -6,8 +6,9 @@ budget (iterations x batch, the same unlabeled images, the same optimiser), seve
 (detectron2 ``SEED``: seeded pretraining), then read out with frozen features on the generated
 labelled set ``demo_cls`` (one shape on a real photo; 2,000 train / 500 val):
 
-* Views: augmented-view retrieval on the 500 val images (the pretext task itself, on unseen
-  images; res5, chance 0.2 %), see ``insloc_detco/readout/views.py``;
+* Views: augmented-view retrieval on the 500 val images at the pretraining's view side (the
+  pretext task itself, on unseen images; res5, chance 0.2 %), see
+  ``insloc_detco/readout/views.py``;
 * kNN: weighted kNN (k 20, T 0.07) of the shape class on pooled res5;
 * Cls: linear classification of the shape class on pooled res5;
 * Loc: InsLoc's linear localization readout (cell index of a 3 x 3 grid from the cell's RoI
@@ -23,7 +24,14 @@ to it completely). Results: mean +- std over the seeds.
         --pretrain-batch 128 --image-size 96 --seeds 5   # the same experiment, larger
 
 Everything goes under ``--output-dir``; re-running skips finished pretraining runs and
-readouts. ``--jobs`` runs that many single-threaded runs side by side (CPU).
+readouts. ``--jobs`` runs that many single-threaded runs side by side (CPU), from one queue:
+the longest pretraining runs first, each readout as soon as its checkpoint exists.
+
+The CPU defaults are sized to 60 min on 2 cores (measured on the project's CPU, 2026-11-23, one
+core per run): per pretraining step MoCo v2 1.3 s, InsLoc-C4 1.75 s (3.1 s with the detector's
+14 x 14 RoIAlign), InsLoc-FPN 2.9 s, DetCo 5.2 s (smaller jigsaw patches barely help: 4.6 s
+with 18 px instead of 32); a readout 145 s at 600 cell images, 85 % of it frozen features (the 9
+cell boxes per image through res5 are 45 % of those). 200 steps would take ~82 min.
 """
 
 import argparse
@@ -33,7 +41,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, PROJECT_DIR)
@@ -48,13 +56,17 @@ METHODS = {
     "detco": "instant_test/pretrain_detco.yaml",
 }
 COLUMNS = ("Views", "kNN", "Cls", "Loc", "ObjLoc")
+# Seconds per iteration at the defaults on one CPU core (2026-11-23): the scheduling order.
+STEP_COST = {"moco_v2": 1.3, "insloc_c4": 1.8, "insloc_fpn": 2.9, "detco": 5.2}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--seeds", type=int, default=3, help="pretraining seeds per method (1..N)")
-    p.add_argument("--pretrain-iters", type=int, default=200)
+    p.add_argument("--pretrain-iters", type=int, default=128,
+                   help="128 x 32 = 4,096 samples: the most that fits 60 min on 2 CPU cores "
+                   "(see the README)")  # fmt: skip
     p.add_argument("--pretrain-batch", type=int, default=32)
     p.add_argument("--pretrain-lr", type=float, default=0.06)
     p.add_argument("--momentum", type=float, default=0.99,
@@ -67,10 +79,12 @@ def parse_args(argv=None):
                    "short schedules (see the README)")  # fmt: skip
     p.add_argument("--image-size", type=int, default=64,
                    help="MoCo v2 / DetCo view side and InsLoc canvas side (pixels)")
-    p.add_argument("--readout-cells-images", type=int, default=600,
+    p.add_argument("--readout-cells-images", type=int, default=400,
                    help="training images for the cell readouts (Loc, ObjLoc); all for kNN/Cls")
-    p.add_argument("--readout-pooler", type=int, default=7,
-                   help="RoIAlign side of the C4 cell features (detector: 14)")
+    p.add_argument("--roi-pooler", type=int, default=7,
+                   help="RoIAlign side of InsLoc-C4's pretraining boxes and of the C4 cell "
+                   "readouts (the detector's 14 resamples the 2-4 res4 cells of a box on a "
+                   "64-96 px image to 14 x 14, at 1.8x the cost of InsLoc-C4's step)")  # fmt: skip
     p.add_argument("--precise-bn", type=int, default=512,
                    help="re-estimate BN statistics on this many readout training images (every "
                    "model, random init too; 0: the checkpoint's)")  # fmt: skip
@@ -116,6 +130,8 @@ def pretrain_command(method: str, seed: int, args, out: str, pool: str):
         "DATALOADER.NUM_WORKERS", "1",
         "OUTPUT_DIR", out,
     ]  # fmt: skip
+    if method == "insloc_c4":
+        cmd += ["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", str(args.roi_pooler)]
     if method.startswith("insloc"):
         cmd += ["INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE", str(s),
                 "INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE", f"({s // 2}, {s - 1})"]  # fmt: skip
@@ -170,9 +186,11 @@ def pretext_summary(run_dir: str, queue_size: int) -> dict:
 # Readouts (in worker processes, one thread each)
 # ------------------------------------------------------------------------------------------
 def readout_model(
-    weights: str, seed: int, cells_images: int, pooler: int, precise_bn: int, device: str
-) -> dict:
-    """kNN, Cls, Loc and ObjLoc of one checkpoint (or random init with ``seed``)."""
+    weights: str, seed: int, cells_images: int, pooler: int, precise_bn: int, view_size: int,
+    device: str,
+) -> dict:  # fmt: skip
+    """Views, kNN, Cls, Loc and ObjLoc of one checkpoint (or random init with ``seed``); the
+    views at ``view_size``, the pretraining's view side."""
     import torch
     from detectron2.data import MetadataCatalog
 
@@ -199,15 +217,17 @@ def readout_model(
     start = time.process_time()
     if precise_bn > 0:
         encoder.recompute_bn_statistics(image_batches(train[:precise_bn], tf, 64))
-    f_tr = extract_features(encoder, train, tf, ("res5",), num_workers=0)
+    # One pass per image: the first ``cells_images`` with their cell boxes, then the rest.
     cells = train[:cells_images]
     f_trc = extract_features(encoder, cells, tf, ("res5",), boxes, num_workers=0)
+    f_rest = extract_features(encoder, train[cells_images:], tf, ("res5",), num_workers=0)
+    f_tr = {"res5": torch.cat([f_trc["res5"], f_rest.get("res5", f_trc["res5"][:0])])}
     f_va = extract_features(encoder, val, tf, ("res5",), boxes, num_workers=0)
     y_tr, y_va = torch.as_tensor(class_labels(train)), torch.as_tensor(class_labels(val))
     # Cached features: standardised, so one learning rate fits random and pretrained features.
     recipe = LinearRecipe(normalize="standardize", seed=seed)
     out = {
-        "Views": view_retrieval(encoder, val, size, ("res5",))["top1_res5"],
+        "Views": view_retrieval(encoder, val, view_size, ("res5",))["top1_res5"],
         "kNN": knn_accuracy(f_tr["res5"], y_tr, f_va["res5"], y_va, len(classes), (20,))[
             "top1@k20"
         ],
@@ -292,37 +312,55 @@ def main(argv=None):
     seeds = list(range(1, args.seeds + 1))
     log(f"pretraining pool {pool}; methods {methods}; seeds {seeds}", start)
 
-    jobs = [(m, s) for m in methods if METHODS[m] for s in seeds]
-    checkpoints = {(m, s): "random" for m in methods if not METHODS[m] for s in seeds}
-    with ProcessPoolExecutor(max_workers=args.jobs) as ex:
-        futures = {ex.submit(pretrain, m, s, args, pool): (m, s) for m, s in jobs}
-        for fut, (m, s) in futures.items():
-            checkpoints[(m, s)] = fut.result()
-            log(f"{m} seed {s}: pretrained ({checkpoints[(m, s)]})", start)
-    log("pretraining done; reading out", start)
-
     results_path = os.path.join(args.output_dir, "results.json")
     previous = json.load(open(results_path)).get("runs", {}) if os.path.isfile(results_path) else {}
+    readout_args = (args.readout_cells_images, args.roi_pooler, args.precise_bn, args.image_size,
+                    args.device)  # fmt: skip
+    readout_settings = dict(zip(("cells_images", "roi_pooler", "precise_bn", "view_size"),
+                                readout_args))  # fmt: skip
     runs = {m: {} for m in methods}
-    todo = {}
+
+    def cached_readout(m, s, ckpt):
+        done = previous.get(m, {}).get(str(s))
+        if (done and set(COLUMNS) <= set(done.get("metrics", {})) and done.get("weights") == ckpt
+                and done.get("readout") == readout_settings):  # fmt: skip
+            return done
+        return None
+
+    # One pool for everything: pretraining runs longest first (the tail is then short), each
+    # checkpoint's readout queued as soon as it exists, random init's behind the pretraining;
+    # no core idles while another run finishes. Every run and readout is seeded, so the order
+    # changes no number.
+    order = sorted((m for m in methods if METHODS[m]), key=lambda m: -STEP_COST[m])
     with ProcessPoolExecutor(max_workers=args.jobs) as ex:
-        for (m, s), ckpt in checkpoints.items():
-            done = previous.get(m, {}).get(str(s))
-            complete = done and set(COLUMNS) <= set(done.get("metrics", {}))
-            if complete and done.get("weights") == ckpt:
-                if ckpt != "random":
-                    done["pretext"] = pretext_summary(os.path.dirname(ckpt), args.queue_size)
-                runs[m][str(s)] = done
-                continue
-            todo[ex.submit(readout_model, ckpt, s, args.readout_cells_images,
-                           args.readout_pooler, args.precise_bn, args.device)] = (m, s, ckpt)
-        for fut, (m, s, ckpt) in todo.items():
-            r = fut.result()
-            r["weights"] = ckpt
+        pending = {ex.submit(pretrain, m, s, args, pool): ("pretrain", m, s, None)
+                   for m in order for s in seeds}  # fmt: skip
+        for m in (m for m in methods if not METHODS[m]):
+            for s in seeds:
+                if cached_readout(m, s, "random"):
+                    runs[m][str(s)] = cached_readout(m, s, "random")
+                else:
+                    pending[ex.submit(readout_model, "random", s, *readout_args)] = (
+                        "readout", m, s, "random")  # fmt: skip
+        while pending:
+            fut = next(as_completed(pending))
+            kind, m, s, ckpt = pending.pop(fut)
+            result = fut.result()
+            if kind == "pretrain":
+                log(f"{m} seed {s}: pretrained ({result})", start)
+                done = cached_readout(m, s, result)
+                if done is None:
+                    pending[ex.submit(readout_model, result, s, *readout_args)] = (
+                        "readout", m, s, result)
+                    continue
+                result, ckpt = done, result
+            result.update(weights=ckpt, readout=readout_settings)
             if ckpt != "random":
-                r["pretext"] = pretext_summary(os.path.dirname(ckpt), args.queue_size)
-            runs[m][str(s)] = r
-            log(f"{m} seed {s}: {r['metrics']}", start)
+                result["pretext"] = pretext_summary(os.path.dirname(ckpt), args.queue_size)
+            runs[m][str(s)] = result
+            log(f"{m} seed {s}: {result['metrics']}", start)
+    runs = {m: dict(sorted(r.items(), key=lambda kv: int(kv[0]))) for m, r in runs.items()}
+    checkpoints = {(m, int(s)): r["weights"] for m in runs for s, r in runs[m].items()}
     if args.finetune_iters > 0:
         for (m, s), ckpt in checkpoints.items():
             runs[m][str(s)]["metrics"].update(finetune(m, s, ckpt, args))
