@@ -19,14 +19,18 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
     alive, and with torch 2.14 + gloo about one two-process run in four then aborts at
     interpreter exit ("terminate called without an active exception", SIGABRT) although
     ``main_func`` succeeded; each worker then exits with ``os._exit(0)`` (see below)."""
+    # detectron2 spawns workers exactly when the world has more than one process; otherwise it
+    # calls main_func in the caller's process, which must be left as it is (it may even hold a
+    # process group of its own).
+    spawns = num_gpus_per_machine * num_machines > 1
     d2_launch(_run_then_shut_down, num_gpus_per_machine, num_machines, machine_rank, dist_url,
-              args=(main_func, *args), timeout=timeout)  # fmt: skip
+              args=(main_func, spawns, *args), timeout=timeout)  # fmt: skip
 
 
-def _run_then_shut_down(main_func, *args):
+def _run_then_shut_down(main_func, spawned: bool, *args):
     result = main_func(*args)
-    if not (dist.is_available() and dist.is_initialized()):
-        return result  # one process: launch called main_func in the caller's process
+    if not spawned:
+        return result
     comm.synchronize()  # no rank tears down while a peer still talks to it
     dist.destroy_process_group()  # all groups, detectron2's local group included
     # A spawned worker whose work is done and flushed leaves without interpreter finalisation:
