@@ -30,8 +30,9 @@ the longest pretraining runs first, each readout as soon as its checkpoint exist
 The CPU defaults are sized to 60 min on 2 cores (measured on the project's CPU, 2026-11-23, one
 core per run): per pretraining step MoCo v2 1.3 s, InsLoc-C4 1.75 s (3.1 s with the detector's
 14 x 14 RoIAlign), InsLoc-FPN 2.9 s, DetCo 5.2 s (smaller jigsaw patches barely help: 4.6 s
-with 18 px instead of 32); a readout 145 s at 600 cell images, 85 % of it frozen features (the 9
-cell boxes per image through res5 are 45 % of those). 200 steps would take ~82 min.
+with 18 px instead of 32); a readout 145 s at 600 cell images, 85 % of it frozen features (about
+half of those in the res5 head: whole images and 9 cell boxes per image). 200 steps would
+take ~82 min.
 """
 
 import argparse
@@ -65,8 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--seeds", type=int, default=3, help="pretraining seeds per method (1..N)")
     p.add_argument("--pretrain-iters", type=int, default=128,
-                   help="128 x 32 = 4,096 samples: the most that fits 60 min on 2 CPU cores "
-                   "(see the README)")  # fmt: skip
+                   help="128 x 32 = 4,096 samples: the whole benchmark took 52 min 40 s on 2 "
+                   "CPU cores (see the README)")  # fmt: skip
     p.add_argument("--pretrain-batch", type=int, default=32)
     p.add_argument("--pretrain-lr", type=float, default=0.06)
     p.add_argument("--momentum", type=float, default=0.99,
@@ -314,10 +315,10 @@ def main(argv=None):
 
     results_path = os.path.join(args.output_dir, "results.json")
     previous = json.load(open(results_path)).get("runs", {}) if os.path.isfile(results_path) else {}
-    readout_args = (args.readout_cells_images, args.roi_pooler, args.precise_bn, args.image_size,
-                    args.device)  # fmt: skip
-    readout_settings = dict(zip(("cells_images", "roi_pooler", "precise_bn", "view_size"),
-                                readout_args))  # fmt: skip
+    # What a cached readout must have been computed with (readout_model's arguments in order).
+    readout_settings = {"cells_images": args.readout_cells_images, "roi_pooler": args.roi_pooler,
+                        "precise_bn": args.precise_bn, "view_size": args.image_size}  # fmt: skip
+    readout_args = (*readout_settings.values(), args.device)
     runs = {m: {} for m in methods}
 
     def cached_readout(m, s, ckpt):
@@ -337,8 +338,9 @@ def main(argv=None):
                    for m in order for s in seeds}  # fmt: skip
         for m in (m for m in methods if not METHODS[m]):
             for s in seeds:
-                if cached_readout(m, s, "random"):
-                    runs[m][str(s)] = cached_readout(m, s, "random")
+                done = cached_readout(m, s, "random")
+                if done:
+                    runs[m][str(s)] = done
                 else:
                     pending[ex.submit(readout_model, "random", s, *readout_args)] = (
                         "readout", m, s, "random")  # fmt: skip
