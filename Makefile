@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROJECT := projects/InsLocDetCo
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test test-fast lint demo bench clean
 
 setup: $(VENV)/.ready
 $(VENV)/.ready: scripts/setup_env.sh setup.py
@@ -12,6 +12,10 @@ $(VENV)/.ready: scripts/setup_env.sh setup.py
 
 test: setup
 	$(PY) -m pytest -q $(PROJECT)/tests
+
+# The edit-test loop: every test but those marked slow (processes, process groups, training runs).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PROJECT)/tests
 
 lint: setup
 	$(PY) -m ruff check $(PROJECT) setup.py

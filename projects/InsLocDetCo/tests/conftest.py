@@ -9,7 +9,7 @@ from insloc_detco import add_insloc_detco_config
 from insloc_detco.engine import resolve_config_file
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for `import utils`
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for `import insloc_testing`
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

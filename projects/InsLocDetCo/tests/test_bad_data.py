@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import load_config
 from detectron2.utils.events import EventStorage
+from insloc_testing import run_train_net
 from PIL import Image, ImageFile
-from utils import run_train_net
 
 from insloc_detco.data import (
     MoCoV2Mapper,

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from insloc_testing import run_distributed
 from torch import nn
-from utils import run_distributed
 
 from insloc_detco.modeling.contrastive import (
     ContrastiveQueue,

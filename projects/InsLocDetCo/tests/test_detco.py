@@ -10,7 +10,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 from detectron2.utils.events import EventStorage
-from utils import run_train_net
+from insloc_testing import run_train_net
 
 STAGES = ("res2", "res3", "res4", "res5")
 TERMS = ("gg", "ll", "lg")

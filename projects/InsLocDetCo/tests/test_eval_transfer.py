@@ -19,8 +19,8 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from insloc_testing import run_train_net
 from torch import nn
-from utils import run_train_net
 
 from insloc_detco.transfer import demo_det, load_transfer_config
 from insloc_detco.transfer.benchmarks import BENCHMARKS, PROTOCOLS

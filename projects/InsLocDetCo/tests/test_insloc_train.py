@@ -5,7 +5,7 @@ import math
 import os
 
 import torch
-from utils import run_train_net
+from insloc_testing import run_train_net
 
 ITERS, BATCH, QUEUE = 4, 8, 64  # instant-test batch and queue
 

@@ -3,7 +3,7 @@
 import os
 
 from detectron2.utils import comm
-from utils import run_distributed
+from insloc_testing import run_distributed
 
 from insloc_detco.engine import launch
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from insloc_testing import run_distributed
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
-from utils import run_distributed
 
 from insloc_detco.data import photometric as P
 from insloc_detco.data.augmentation import PhotometricAugmentation, blur_kernel_size

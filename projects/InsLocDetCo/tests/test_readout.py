@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
-from utils import run_distributed
+from insloc_testing import run_distributed
 
 from insloc_detco.readout.datasets import image_level_targets
 from insloc_detco.readout.features import gather_shards

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import load_config
 from detectron2.utils import comm
-from utils import run_distributed
+from insloc_testing import run_distributed
 
 from insloc_detco.engine import threads
 from insloc_detco.engine.threads import configure_threads, main_process_threads

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from utils import run_train_net
+from insloc_testing import run_train_net
 
 CONFIG = "instant_test/pretrain_moco_v2.yaml"
 

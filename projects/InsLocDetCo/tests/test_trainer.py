@@ -5,7 +5,7 @@ import torch
 from conftest import load_config
 from detectron2.engine import HookBase, hooks
 from detectron2.utils.events import EventStorage
-from utils import run_distributed
+from insloc_testing import run_distributed
 
 from insloc_detco.checkpoint import PeriodicCheckpointer
 from insloc_detco.engine import DeviceAgnosticTrainer, PretrainTrainer, describe_model

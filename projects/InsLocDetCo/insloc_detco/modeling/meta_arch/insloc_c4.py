@@ -17,7 +17,7 @@ from detectron2.modeling.roi_heads import Res5ROIHeads
 from torch import nn
 
 from ..heads import GlobalEmbeddingHead
-from .insloc_fpn import InstanceLocalization, boxes_per_level, level_poolers, pool_boxes
+from .insloc import InstanceLocalization, boxes_per_level, level_poolers, pool_boxes
 
 __all__ = ["InsLocC4", "C4BoxEncoder"]
 

@@ -1,72 +1,24 @@
-"""InsLoc, instance localization (Yang et al., CVPR 2021), on R50-FPN.
-
-The query is a composite image and the box of the pasted instance; its embedding is the RoI
-feature of that box (Eq. 5-6) through a detection head, contrasted with the key of another
-composite of the same instance (Eq. 2). On FPN the task runs on every level P2..P5 at once, each
-with its own queue "to avoid cheating across levels" (Sec. 4.3), and the losses are summed.
+"""InsLoc on R50-FPN (Yang et al., CVPR 2021): the task runs on every level P2..P5 at once.
 
 The encoder is made of detectron2's own blocks so that pretrained tensors transfer by name:
 ``encoder_q.backbone`` is the ``FPN`` (``bottom_up.*``, ``fpn_lateral2.*``, ``fpn_output2.*``...)
 -> ``backbone.*``; ``encoder_q.box_head`` is a ``FastRCNNConvFCHead`` 4conv1fc (``conv1..conv4``,
 ``fc1``) -> ``roi_heads.box_head.*``. Only ``encoder_q.embed`` (fc2, fc3) is pretraining-only.
+The training step is :class:`~.insloc.InstanceLocalization`.
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
-from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
-from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead
-from detectron2.structures import Boxes
 from torch import nn
 
-from ..box_aug import AnchorBoxAugmentation
-from ..contrastive import ContrastiveQueue
 from ..heads import ProjectionMLP
-from .base import ContrastivePretrainer, contrastive_args_from_config
+from .insloc import InstanceLocalization, boxes_per_level, level_poolers, pool_boxes
 
-__all__ = ["InstanceLocalization", "InsLocFPN", "FPNBoxEncoder", "pool_boxes", "level_poolers"]
-
-
-def level_poolers(cfg, backbone: Backbone, in_features: Sequence[str]) -> nn.ModuleDict:
-    """One single-scale ``ROIPooler`` per feature map, so that the box is pooled from every
-    level (no size-based level assignment). Resolution and type from ``MODEL.ROI_BOX_HEAD``."""
-    h = cfg.MODEL.ROI_BOX_HEAD
-    shapes = backbone.output_shape()
-    return nn.ModuleDict(
-        {
-            f: ROIPooler(
-                output_size=h.POOLER_RESOLUTION,
-                scales=(1.0 / shapes[f].stride,),
-                sampling_ratio=h.POOLER_SAMPLING_RATIO,
-                pooler_type=h.POOLER_TYPE,
-            )
-            for f in in_features
-        }
-    )
-
-
-def pool_boxes(pooler: Optional[ROIPooler], feature: torch.Tensor, boxes: torch.Tensor, size: int):
-    """
-    Args:
-        pooler: the level's ``ROIPooler``; None pools the whole map instead (InsLoc Table 3b
-            baseline without RoIAlign).
-        feature: (N, C, H, W) one feature map.
-        boxes: (N, 4) XYXY image-pixel boxes, one per image.
-        size: output side when ``pooler`` is None.
-    Returns:
-        (N, C, R, R) pooled features.
-    """
-    if pooler is None:
-        return F.adaptive_avg_pool2d(feature, size)
-    return pooler([feature], [Boxes(b) for b in boxes.split(1)])
-
-
-def boxes_per_level(boxes: torch.Tensor, num_levels: int) -> torch.Tensor:
-    """(N, 4) or (N, L, 4) -> (N, L, 4): one box per image and level."""
-    return boxes[:, None].expand(-1, num_levels, -1) if boxes.dim() == 2 else boxes
+__all__ = ["InsLocFPN", "FPNBoxEncoder"]
 
 
 class FPNBoxEncoder(nn.Module):
@@ -114,122 +66,6 @@ class FPNBoxEncoder(nn.Module):
         # One pass of the shared head over all levels (as the reference: BN sees all of them).
         z = F.normalize(self.embed(self.box_head(torch.cat(pooled))), dim=1)
         return dict(zip(self.in_features, z.split(images.shape[0])))
-
-
-class InstanceLocalization(ContrastivePretrainer):
-    """
-    The InsLoc step for any encoder mapping (images, boxes) to per-level embeddings: query on
-    the (augmented) query box, key on the true key box with shuffle-BN, one InfoNCE term and
-    one queue per level, loss = sum_l w_l L_l. Subclasses build the encoder.
-
-    Inputs: dicts with ``view_q``, ``view_k`` (3, S, S) uint8 and ``box_q``, ``box_k`` (4,) XYXY
-    (see ``CopyPasteMapper``).
-    """
-
-    @configurable
-    def __init__(
-        self,
-        *,
-        encoder: nn.Module,
-        in_features: Sequence[str],
-        level_loss_weights: Sequence[float],
-        box_aug: Optional[AnchorBoxAugmentation] = None,
-        box_aug_features: Sequence[str] = (),
-        **kwargs,
-    ):
-        """
-        Args:
-            encoder: maps (N, 3, H, W) images and (N, 4) or (N, L, 4) boxes to
-                {level: (N, D)} for the levels ``in_features``.
-            in_features: the levels with a contrastive loss, in the encoder's order.
-            level_loss_weights: w_l, one per level.
-            box_aug: the query-box augmentation; None disables it.
-            box_aug_features: levels whose query box is augmented (others keep the true box).
-            kwargs: see :class:`ContrastivePretrainer`.
-        """
-        super().__init__(**kwargs)
-        assert len(level_loss_weights) == len(in_features), "one loss weight per level"
-        assert set(box_aug_features) <= set(in_features), f"{box_aug_features} not in {in_features}"
-        self.in_features = list(in_features)
-        self.level_loss_weights = dict(zip(in_features, level_loss_weights))
-        self.encoder_q = encoder
-        self.init_key_encoder()
-        self.queues = nn.ModuleDict(
-            {f: ContrastiveQueue(self.dim, self.queue_size) for f in self.in_features}
-        )
-        self.box_aug = box_aug
-        self.box_aug_features = [f for f in self.in_features if f in box_aug_features]
-
-    @classmethod
-    def from_config(cls, cfg):
-        i = cfg.MODEL.INSLOC
-        return {
-            "encoder": cls.build_encoder(cfg),
-            "in_features": i.IN_FEATURES,
-            "level_loss_weights": i.LEVEL_LOSS_WEIGHTS,
-            "box_aug": AnchorBoxAugmentation(cfg) if i.BOX_AUG else None,
-            "box_aug_features": i.BOX_AUG_FEATURES,
-            # InsLoc composites get MoCo v2's photometric family, never RandAugment.
-            **contrastive_args_from_config(cfg, randaugment=False),
-        }
-
-    @classmethod
-    def build_encoder(cls, cfg) -> nn.Module:
-        raise NotImplementedError
-
-    def boxes(self, batched_inputs: List[Dict], key: str) -> torch.Tensor:
-        """(N, 4) float boxes ``key`` of the inputs, on the model's device."""
-        return self.stack(self.gather(batched_inputs, key)).float()
-
-    def views_and_boxes(self, batched_inputs: List[Dict], side: str):
-        """(N, 3, S, S) normalised ``view_<side>`` and their (N, 4) boxes ``box_<side>`` (both
-        flipped when the photometric augmentation runs here)."""
-        views = self.gather(batched_inputs, f"view_{side}")
-        return self.preprocess_with_boxes(views, self.boxes(batched_inputs, f"box_{side}"))
-
-    def query_boxes(self, boxes: torch.Tensor, image_size) -> torch.Tensor:
-        """
-        Args:
-            boxes: (N, 4) true query boxes.
-        Returns:
-            (N, L, 4): the augmented box on ``box_aug_features`` (one draw per image, shared by
-            those levels, as in the reference), the true box elsewhere.
-        """
-        per_level = boxes_per_level(boxes, len(self.in_features)).clone()
-        if self.box_aug is not None and self.box_aug_features:
-            jittered = self.box_aug(boxes, image_size)
-            for f in self.box_aug_features:
-                per_level[:, self.in_features.index(f)] = jittered
-        return per_level
-
-    def forward(self, batched_inputs: List[Dict]):
-        """
-        Training: ``{"loss_insloc_<level>": w_l * L_l}``. Inference: {level: (N, D)} query
-        embeddings of the true boxes (``view_q``/``box_q``, or ``image`` and its whole extent).
-        """
-        if not self.training:
-            return self.inference(batched_inputs)
-        images_q, boxes_q = self.views_and_boxes(batched_inputs, "q")
-        boxes_q = self.query_boxes(boxes_q, images_q.shape[-2:])
-        q = self.encoder_q(images_q, boxes_q)
-        with torch.no_grad():
-            self.momentum_update()  # before the key forward, as in MoCo
-            k = self.encode_keys(*self.views_and_boxes(batched_inputs, "k"))
-        losses = {}
-        for f in self.in_features:
-            loss = self.contrast(f"insloc_{f}", q[f], k[f], self.queues[f]())
-            losses[f"loss_insloc_{f}"] = self.level_loss_weights[f] * loss
-            self.queues[f].enqueue(k[f])
-        return losses
-
-    def inference(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
-        if "view_q" in batched_inputs[0]:
-            images = self.preprocess(self.gather(batched_inputs, "view_q"))
-            return self.encoder_q(images, self.boxes(batched_inputs, "box_q"))
-        images = self.preprocess(self.gather(batched_inputs, "image"))
-        h, w = images.shape[-2:]
-        whole = torch.tensor([0.0, 0.0, w, h], device=self.device).expand(len(images), 4)
-        return self.encoder_q(images, whole)
 
 
 @META_ARCH_REGISTRY.register()
