@@ -19,6 +19,8 @@ What did pretraining learn? Frozen-feature readouts of a pretraining checkpoint,
         --output-dir output/readout
     # one table of every readout in result folders, a row per weights file, with chance levels
     python eval_readout.py table output/readout
+    # under torchrun (or srun) each process joins the job: 8 processes, one per GPU
+    torchrun --nproc_per_node 8 eval_readout.py knn output/pretrain_moco_v2/model_final.pth
 
 Data sets (``--train`` / ``--val``) resolve under ``$DETECTRON2_DATASETS`` like detectron2's:
 ``imagenet_cls_{train,val}`` (folder per class), ``voc_2007_{trainval,test}``,
@@ -32,6 +34,12 @@ import json
 import os
 import sys
 
+from insloc_detco.engine.launch import (
+    LaunchError,
+    add_launch_arguments,
+    is_launch_leader,
+    run_entry_point,
+)
 from insloc_detco.readout.encoder import LAYOUTS, STAGES, ReadoutError
 from insloc_detco.readout.linear import LinearRecipe
 from insloc_detco.readout.results import comparison_table, markdown_tables
@@ -86,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--num-machines", type=int, default=1)
     common.add_argument("--machine-rank", type=int, default=0)
     common.add_argument("--dist-url", default="auto")
+    add_launch_arguments(common)
 
     classifier = argparse.ArgumentParser(add_help=False)
     r = LinearRecipe()
@@ -174,18 +183,21 @@ def main(argv=None) -> int:
     if args.protocol == "table":
         return print_table(args.dirs)
     setup_logging()
+    if args.dist_timeout is not None:
+        os.environ["INSLOC_DIST_TIMEOUT"] = str(args.dist_timeout)  # read by the launch
     try:
         s = settings_from_args(args, opts)
         entries = run_readouts(
             args.weights, s, args.output_dir, args.num_gpus, args.num_machines,
             args.machine_rank, args.dist_url,
         )  # fmt: skip
-    except (ReadoutError, ConversionError, ValueError, FloatingPointError) as e:
+    except (ReadoutError, ConversionError, ValueError, FloatingPointError, LaunchError) as e:
         print(f"eval_readout.py {args.protocol}: error: {e}", file=sys.stderr)
         return 2
-    print(markdown_tables({str(i): e for i, e in enumerate(entries)}))
+    if is_launch_leader(args.machine_rank):
+        print(markdown_tables({str(i): e for i, e in enumerate(entries)}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_entry_point(main)

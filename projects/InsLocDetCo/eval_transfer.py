@@ -14,6 +14,9 @@ How good is a pretrained backbone for detection? Convert, fine-tune, evaluate, t
     # CPU smoke test on the generated demo_det set (a few minutes)
     python eval_transfer.py run output/instant_test/pretrain_moco_v2/model_final.pth \\
         --benchmark demo_voc_c4
+    # every trial as its own SLURM job (submitit); run again without --slurm to tabulate
+    python eval_transfer.py run model_final.pth --benchmark coco_fpn_1x --slurm \\
+        --gpus-per-node 8 --partition P --time 24:00:00
 
 ``run`` writes ``results.json`` and ``results.md`` (mean +- std over trials) in the output
 folder (default: ``transfer/`` next to the checkpoint); re-running skips finished trials and
@@ -28,6 +31,14 @@ import argparse
 import os
 import sys
 
+from insloc_detco.engine.launch import (
+    LaunchError,
+    add_launch_arguments,
+    is_launch_leader,
+    launch,
+    run_entry_point,
+)
+from insloc_detco.engine.slurm import add_slurm_arguments, submit
 from insloc_detco.transfer.benchmarks import benchmark_table, get_benchmark
 from insloc_detco.transfer.converter import (
     TARGETS,
@@ -40,6 +51,7 @@ from insloc_detco.transfer.runner import (
     RANDOM_INIT,
     TransferError,
     run_benchmarks,
+    run_trial,
     setup_console_logging,
 )
 
@@ -78,6 +90,14 @@ def run(args):
     else:
         default_dir = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "transfer")
     output_dir = args.output_dir or default_dir
+    submitted = []
+
+    def submit_trial(cfg, info):
+        folder = os.path.join(cfg.OUTPUT_DIR, "submitit")
+        job = submit(run_trial_job, (cfg, info), args, folder,
+                     f"{info['benchmark']}-trial{info['trial']}")  # fmt: skip
+        submitted.append(f"{job.job_id} ({folder})")
+
     run_benchmarks(
         args.weights,
         benchmarks,
@@ -90,8 +110,19 @@ def run(args):
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         force=args.force,
+        submit_trial=submit_trial if args.slurm else None,
     )
-    print(f"Results: {os.path.join(output_dir, 'results.md')}")
+    if submitted:
+        print(f"Submitted {len(submitted)} trial job(s): " + ", ".join(submitted))
+        print("When they have finished, run the same command without --slurm to write the table.")
+    elif is_launch_leader(args.machine_rank):
+        print(f"Results: {os.path.join(output_dir, 'results.md')}")
+
+
+def run_trial_job(cfg, info):
+    """One trial in the tasks of a SLURM job (they join the job's process group)."""
+    setup_console_logging()
+    launch(run_trial, 1, args=(cfg, info))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true",
                    help="start again trials begun with another config or weights (the old "
                    "folder is kept beside them); without it that is an error")  # fmt: skip
+    add_launch_arguments(r)
+    add_slurm_arguments(r)
     # Trailing KEY VALUE pairs (detectron2 style) are what parse_known_args leaves over.
     return parser
 
@@ -159,13 +192,15 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "dist_timeout", None) is not None:
+        os.environ["INSLOC_DIST_TIMEOUT"] = str(args.dist_timeout)  # read by every launch
     try:
         {"convert": convert, "run": run}[args.command](args)
-    except (ConversionError, TransferError) as e:
+    except (ConversionError, TransferError, LaunchError) as e:
         print(f"eval_transfer.py {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_entry_point(main)

@@ -49,7 +49,8 @@ def test_submitit_local_tasks():
            "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_NTASKS": "2",
            "SUBMITIT_LOCAL_JOB_ID": "777"}  # fmt: skip
     p = detect_launcher(env)
-    assert (p.launcher, p.rank, p.world_size, p.master_addr) == ("submitit-local", 1, 2, "127.0.0.1")
+    assert (p.launcher, p.rank, p.world_size) == ("submitit-local", 1, 2)
+    assert p.master_addr == "127.0.0.1"
     assert p.master_port == port_for_job("777")
 
 

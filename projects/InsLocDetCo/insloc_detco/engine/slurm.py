@@ -101,9 +101,12 @@ class SubmititJob:
         self.fn, self.args = fn, args
 
     def __call__(self):
-        from .launch import leave_joined_launch
+        from .launch import exit_process, leave_joined_launch
 
-        result = self.fn(*self.args)
+        try:
+            result = self.fn(*self.args)
+        except SystemExit as e:  # preempted: saved (and requeued by submitit on rank 0)
+            exit_process(e.code)
         leave_joined_launch()
         return result
 

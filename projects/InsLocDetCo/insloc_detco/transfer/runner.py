@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
@@ -35,7 +35,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ..engine import resolve_device
-from ..engine.launch import launch
+from ..engine.launch import is_launch_leader, launch
 from .benchmarks import Benchmark
 from .config import load_transfer_config, quiet_logger
 from .converter import (
@@ -282,6 +282,7 @@ def run_benchmarks(
     machine_rank: int = 0,
     dist_url: str = "auto",
     force: bool = False,
+    submit_trial: Optional[Callable] = None,
 ) -> Dict[str, Dict]:
     """
     Args:
@@ -295,9 +296,13 @@ def run_benchmarks(
         num_gpus, num_machines, machine_rank, dist_url: as detectron2's ``launch``.
         force: start again a trial that was started with another config or weights (see
             :mod:`.trial_state`); else that is an error.
+        submit_trial: ``submit_trial(trial_cfg, info)`` runs an unfinished trial elsewhere (a
+            SLURM job) instead of launching it here; the tables then hold the finished trials
+            only, and a later run completes them.
     Returns:
         benchmark name -> results (as written to ``results.json``).
     """
+    leader = is_launch_leader(machine_rank)  # under torchrun every rank runs this function
     os.makedirs(output_dir, exist_ok=True)
     all_results: Dict[str, Dict] = {}
     for bench in benchmarks:
@@ -320,7 +325,7 @@ def run_benchmarks(
             trial_cfg = _trial_config(cfg, pkl, trial_dir, seed + t)
             try:
                 state = prepare_trial_dir(trial_dir, trial_cfg.dump(), weights_sha256, force,
-                                          write=machine_rank == 0)  # fmt: skip
+                                          write=leader)  # fmt: skip
             except ValueError as e:
                 raise TransferError(f"[{bench.name}] trial {t}: {e}") from None
             if state == "finished":
@@ -331,12 +336,15 @@ def run_benchmarks(
                         "ims_per_batch": trial_cfg.SOLVER.IMS_PER_BATCH,
                         "base_lr": trial_cfg.SOLVER.BASE_LR}  # fmt: skip
                 logger.info(f"[{bench.name}] trial {t} ({state}): seed {seed + t}, {trial_dir}")
+                if submit_trial is not None:
+                    submit_trial(trial_cfg, info)
+                    continue
                 launch(run_trial, num_gpus, num_machines, machine_rank, dist_url,
                        args=(trial_cfg, info))  # fmt: skip
-            if machine_rank == 0:
+            if leader:
                 with open(result_file) as f:
                     done.append(json.load(f))
-        if machine_rank == 0:
+        if leader and len(done) == (trials or bench.trials):  # else trials run as jobs
             all_results[bench.name] = {
                 "benchmark": bench.name,
                 "config": bench.config,
