@@ -37,7 +37,7 @@ from detectron2.utils import comm
 
 from .cluster_env import LaunchedProcess, LaunchError, detect_launcher
 from .preemption import PREEMPTION_SIGNALS, TrainingPreempted, preempted_exit_codes
-from .watchdog import Watchdog, active_watchdog
+from .watchdog import Watchdog, active_watchdog, report
 
 __all__ = [
     "DEFAULT_DIST_TIMEOUT_S",
@@ -262,7 +262,7 @@ def _explain_lost_ranks(error: Exception):
         return
     lost = watchdog.wait_for_lost_ranks()
     if lost:
-        logger.error(lost)
+        report(lost)
 
 
 # ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch.distributed as dist
 from detectron2.engine import HookBase
 
-__all__ = ["LOST_RANK_EXIT_CODE", "Watchdog", "ProgressHook", "active_watchdog"]
+__all__ = ["LOST_RANK_EXIT_CODE", "Watchdog", "ProgressHook", "active_watchdog", "report"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +207,14 @@ class ProgressHook(HookBase):
             watchdog.training = False
 
 
-def _exit_lost(message: str):
+def report(message: str):
+    """To the log file and to stderr (detectron2 logs only rank 0 to the console)."""
     logger.error(message)
     for handler in logging.getLogger().handlers + logging.getLogger("insloc_detco").handlers:
         handler.flush()
     print(message, file=sys.stderr, flush=True)
+
+
+def _exit_lost(message: str):
+    report(message)
     os._exit(LOST_RANK_EXIT_CODE)
