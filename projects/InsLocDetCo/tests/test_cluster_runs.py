@@ -186,7 +186,7 @@ def _pytorchjob(out, world, timeout_s):
         env = _env(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port)  # fmt: skip
         cmd = [sys.executable, "train_net.py", "--dist-timeout", str(timeout_s),
-               *_opts(out, max_iter=200, period=2)]  # fmt: skip
+               *_opts(out, max_iter=200, period=2), "SOLVER.IMS_PER_BATCH", str(2 * world)]
         procs.append(subprocess.Popen(cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))  # fmt: skip
     return procs

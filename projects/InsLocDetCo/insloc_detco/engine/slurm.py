@@ -67,7 +67,15 @@ def time_limit_minutes(text: str) -> int:
 
 def build_executor(args, folder: str, name: str):
     """A submitit executor for ``args`` (see :func:`add_slurm_arguments`)."""
-    import submitit
+    try:
+        import submitit
+    except ImportError:
+        from .cluster_env import LaunchError
+
+        raise LaunchError(
+            "--slurm submits through submitit, which is not installed: pip install submitit "
+            "(scripts/setup_env.sh installs it)."
+        ) from None
 
     tasks = args.tasks_per_node or max(1, args.gpus_per_node)
     executor = submitit.AutoExecutor(folder=folder, cluster=args.submitit_cluster,
