@@ -195,17 +195,23 @@ def _pytorchjob(out, world, timeout_s):
 @pytest.mark.parametrize("world, how", [(3, signal.SIGKILL), (2, signal.SIGSTOP)])
 def test_a_lost_rank_ends_the_others_with_its_name(tmp_path, world, how):
     procs = _pytorchjob(tmp_path, world, timeout_s=20)
-    lost = procs[1]
+    lost = [procs[1].pid]
     try:
         _wait_for_iteration(tmp_path, 2, procs)
-        for pid in [lost.pid] + _descendants(lost.pid):
+        lost += _descendants(procs[1].pid)  # its loader worker, which holds its stdout too
+        for pid in lost:
             os.kill(pid, how)  # killed, or frozen mid-step
         outputs = [p.communicate(timeout=300)[0] for r, p in enumerate(procs) if r != 1]
     finally:
+        for pid in lost:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.communicate()
+            p.communicate()
     for r, (p, text) in enumerate(zip([p for i, p in enumerate(procs) if i != 1], outputs)):
         assert p.returncode != 0
         assert f"LOST RANK 1 of {world}: rank 1 (no heartbeat for" in text, text[-3000:]
