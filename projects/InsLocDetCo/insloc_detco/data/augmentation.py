@@ -77,9 +77,9 @@ class PhotometricAugmentation(nn.Module):
 
     ``forward(images, boxes=None)`` draws the parameters (:meth:`sample`, on the CPU from
     torch's global generator, or ``generator``) and applies them (:meth:`apply`) on the
-    images' device. Loader workers (seeded by detectron2 per worker) and training processes
-    (seeded per rank by ``default_setup``) therefore never share a stream, and a fixed
-    ``SEED`` reproduces the draws.
+    images' device. Loader workers (seeded per sample, from its position in the data stream)
+    and training processes (seeded per rank and iteration, ``engine/resume.py``) therefore
+    never share a stream, and a fixed ``SEED`` reproduces the draws, after a resume too.
     """
 
     @configurable

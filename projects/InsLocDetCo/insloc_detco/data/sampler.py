@@ -62,6 +62,10 @@ class ResumableTrainingSampler(Sampler):
         self._start_iter = 0
         self._rank, self._world = comm.get_rank(), comm.get_world_size()
 
+    @property
+    def seed(self) -> int:
+        return self._seed
+
     def set_start(self, seed: int, start_iter: int):
         """The run's seed and the first iteration to load (before the loader is iterated)."""
         self._seed, self._start_iter = seed, start_iter

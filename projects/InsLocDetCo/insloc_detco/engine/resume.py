@@ -57,11 +57,12 @@ class RunStateHook(HookBase):
     def __init__(self, sampler, config_yaml: str):
         """
         Args:
-            sampler: the loader's :class:`ResumableTrainingSampler` (its seed is the run's).
+            sampler: the loader's :class:`ResumableTrainingSampler` (its seed is the run's);
+                None for a loader without one (its stream then restarts on resume).
             config_yaml: the run's resolved config (``cfg.dump()``).
         """
         self._sampler = sampler
-        self.seed = sampler._seed
+        self.seed = sampler.seed if sampler is not None else comm.shared_random_seed()
         self._config = config_yaml
         self.require_same_config = False
         self.resumed_config = None  # the config a loaded checkpoint recorded
@@ -96,7 +97,8 @@ class RunStateHook(HookBase):
             )
 
     def before_train(self):
-        self._sampler.set_start(self.seed, self.trainer.start_iter)
+        if self._sampler is not None:
+            self._sampler.set_start(self.seed, self.trainer.start_iter)
 
     def before_step(self):
         seed_all(derive_seed(self.seed, _TAG_STEP, comm.get_rank(), self.trainer.iter))

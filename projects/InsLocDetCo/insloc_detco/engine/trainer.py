@@ -163,7 +163,7 @@ class PretrainTrainer(DeviceAgnosticTrainer):
 
     def build_hooks(self):
         cfg = self.cfg
-        self._run_state = RunStateHook(self.data_loader.sampler, cfg.dump())
+        self._run_state = RunStateHook(getattr(self.data_loader, "sampler", None), cfg.dump())
         ret = [self._run_state, hooks.IterationTimer(), hooks.LRScheduler()]
         ret.append(SkippedImagesHook(self.data_loader, cfg.SOLVER.LOG_PERIOD))
         if comm.is_main_process():
