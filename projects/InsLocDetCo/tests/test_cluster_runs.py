@@ -110,7 +110,8 @@ def test_torchrun_joins_and_matches_detectron2_launch(reference, tmp_path):
     out, log = reference
     assert "World size: 2" in log and "World size: 1" not in log
     assert os.path.exists(out / "log.txt.rank1")
-    _ok(_run([sys.executable, "train_net.py", "--num-gpus", "2", *_opts(tmp_path)]))
+    _ok(_run([sys.executable, "train_net.py", "--num-gpus", "2", "--dist-url", "auto",
+              *_opts(tmp_path)]))  # the default URL's port is per user, not per run
     assert_same_state(out / "model_final.pth", tmp_path / "model_final.pth")
 
 

@@ -95,7 +95,8 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
             under an external launcher they must be left at their defaults (or agree with it).
         timeout: how long a silent peer is waited for (:func:`dist_timeout` if None).
     Returns:
-        what ``main_func`` returns where it runs in this process (one process, or joined).
+        what ``main_func`` returns where it runs in this process (one process, or joined: once
+        every process has returned from it).
     Raises:
         LaunchError: launcher variables that are incomplete or contradict the arguments.
     """
@@ -116,10 +117,12 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
     if not (dist.is_available() and dist.is_initialized()):
         _join(joined, timeout)
     try:
-        return main_func(*args)
+        result = main_func(*args)
     except Exception as e:
         _explain_lost_ranks(e)
         raise
+    comm.synchronize()  # as after spawned workers: what rank 0 wrote is there for every rank
+    return result
 
 
 def is_launch_leader(machine_rank: int = 0) -> bool:
