@@ -20,6 +20,7 @@ import itertools
 import os
 import random
 import signal
+import threading
 from typing import Iterator, Tuple
 
 import numpy as np
@@ -85,11 +86,25 @@ class ResumableTrainingSampler(Sampler):
         return self._order[offset]
 
 
+def _leave_preemption_signals_to_the_trainer():
+    """In a loader worker: the preemption signals are taken by a thread instead of killing the
+    process; one from the trainer (which ends its workers with SIGTERM) ends the worker."""
+    trainer = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, _PREEMPTION_SIGNALS)
+
+    def wait():
+        while True:
+            if signal.sigwaitinfo(_PREEMPTION_SIGNALS).si_pid == trainer:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="preemption-signals", daemon=True).start()
+
+
 class SeededMapDataset(Dataset):
     """``mapper(records[index])`` for a ``(seed, position, index)`` item, with all random
-    generators of the process seeded from ``(seed, position)`` first. In a loader worker the
-    preemption signals are ignored (torch's workers die on a SIGTERM from anyone but their
-    parent): the training process saves first, and its workers end with it."""
+    generators of the process seeded from ``(seed, position)`` first. A loader worker ignores
+    the preemption signals unless its trainer sends them (torch's workers die on a SIGTERM
+    from anyone but their parent): the trainer saves first, and its workers end with it."""
 
     def __init__(self, records, mapper):
         self._records = records
@@ -104,8 +119,7 @@ class SeededMapDataset(Dataset):
         if self._pid != os.getpid():  # the first item in a newly started loader worker
             self._pid = os.getpid()
             if get_worker_info() is not None:
-                for s in _PREEMPTION_SIGNALS:
-                    signal.signal(s, signal.SIG_IGN)
+                _leave_preemption_signals_to_the_trainer()
         seed_all(derive_seed(seed, _TAG_SAMPLE, position))
         out = self._mapper(self._records[index])
         while out is None:  # a mapper without its own replacement of unreadable images
