@@ -18,7 +18,8 @@ __all__ = ["Benchmark", "BENCHMARKS", "PROTOCOLS", "get_benchmark", "benchmark_t
 # Whose fine-tuning protocol a benchmark follows (its recipe's comments give the details):
 PROTOCOLS = {
     "MoCo": "MoCo (He et al. 2020): C4, naiveSyncBN, extra norm after res5",
-    "InsLoc": "InsLoc (Yang et al. 2021): MoCo's + FPN with 4conv1fc box head, BN in the heads",
+    "InsLoc": "InsLoc (Yang et al. 2021): MoCo's + FPN with 4conv1fc box head, BN in the heads; "
+    "BN after fc1 too for weights with InsLoc's pretrained box head (box_head_choice.py)",
     "DetCo": "DetCo (Xie et al. 2021, released configs): SyncBN in backbone and FPN only, "
     "standard 2fc heads, C4 MAX_SIZE_TRAIN 1200, 12k steps 9000/11000",
 }

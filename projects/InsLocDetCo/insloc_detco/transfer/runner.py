@@ -37,6 +37,7 @@ from detectron2.utils.logger import setup_logger
 from ..engine import resolve_device
 from ..engine.launch import launch
 from .benchmarks import Benchmark
+from .box_head_choice import box_head_for_weights
 from .config import load_transfer_config, quiet_logger
 from .converter import (
     convert_checkpoint,
@@ -307,6 +308,7 @@ def run_benchmarks(
     all_results: Dict[str, Dict] = {}
     for bench in benchmarks:
         cfg = load_transfer_config(bench.config, opts)
+        cfg = box_head_for_weights(cfg, weights, opts)  # InsLoc's FPN protocol: head per source
         target = target_of_config(cfg)
         pkl, source = "", "random initialisation (no pretrained tensor)"
         if weights != RANDOM_INIT:
