@@ -187,7 +187,8 @@ def test_what_evaluators_need_is_checked_before_training(tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda n, *a: None if n == "cityscapesscripts" else real_find_spec(n, *a))
-    assert "needs cityscapesscripts: pip install cityscapesscripts" in evaluation_problems(cs)[0]
+    assert "cityscapesscripts, which are not installed: pip install cityscapesscripts" in (
+        evaluation_problems(cs)[0])  # fmt: skip
     monkeypatch.undo()
     # Through `run`: refused before anything is read or launched.
     out = str(tmp_path / "out")

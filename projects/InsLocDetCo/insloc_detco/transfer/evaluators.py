@@ -48,7 +48,8 @@ class EvaluatorSpec:
     """
     Attributes:
         build: ``(cfg, dataset_name, output_folder) -> DatasetEvaluator``.
-        packages: modules it imports when it runs (checked up front).
+        packages: modules that detectron2's loader of such data sets and the evaluator
+            import (checked up front).
         one_machine: whether it only works when all processes share one file system.
     """
 
@@ -145,9 +146,9 @@ def evaluation_problems(cfg, num_machines: int = 1) -> List[str]:
         missing = [p for p in spec.packages if importlib.util.find_spec(p) is None]
         if missing:
             problems.append(
-                f"Test set '{name}' is scored with the '{evaluator_type}' evaluator, which "
-                f"needs {' and '.join(missing)}: pip install {' '.join(missing)} "
-                "(scripts/setup_env.sh installs them)."
+                f"Test set '{name}' ('{evaluator_type}') is read and scored with "
+                f"{' and '.join(missing)}, which are not installed: pip install "
+                f"{' '.join(missing)} (scripts/setup_env.sh installs them)."
             )
         if spec.one_machine and num_machines > 1:
             problems.append(
