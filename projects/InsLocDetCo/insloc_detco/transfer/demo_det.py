@@ -54,10 +54,10 @@ __all__ = [
 DEMO_DET_CLASSES = ("circle", "square", "triangle")
 DEMO_DET_SPLITS = {"train": 32, "val": 8}  # number of images
 DEMO_DET_FORMATS = ("voc", "coco", "keypoints")  # registered as demo_det_<format>_<split>
-# A shape's corners, in the order of its polygon's vertices (``_shape_polygon``). Mirroring
-# swaps left and right; the apex stays the apex.
+# Keypoints: the corners of the shapes. Mirroring swaps left and right; the apex stays the apex.
 DEMO_DET_KEYPOINT_NAMES = ("top_left", "top", "top_right", "bottom_right", "bottom_left")
 DEMO_DET_KEYPOINT_FLIP_MAP = (("top_left", "top_right"), ("bottom_left", "bottom_right"))
+# Each shape's corners in the order of its polygon's vertices (``_shape_polygon``).
 _CORNERS = {
     "square": ("top_left", "top_right", "bottom_right", "bottom_left"),
     "triangle": ("top", "bottom_right", "bottom_left"),
