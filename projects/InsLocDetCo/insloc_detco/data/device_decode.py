@@ -37,6 +37,7 @@ __all__ = [
     "EncodedImages",
     "pack_encoded",
     "decode_views",
+    "cut_views",
 ]
 
 DECODE_PLACEMENTS = ("loader", "device", "auto")
@@ -158,7 +159,7 @@ def decode_views(batch, device) -> int:
     for key, crops in enc.crops.items():
         parts = []
         if ok:
-            parts.append((_cut(images, crops, ok), enc.index[ok]))
+            parts.append((cut_views(images, crops, ok), enc.index[ok]))
         if key in enc.pixels:
             parts.append((enc.pixels[key], enc.pixel_index))
         views = _assemble(len(batch), parts, device)
@@ -171,8 +172,17 @@ def decode_views(batch, device) -> int:
     return len(failed)
 
 
-def _cut(images: List[Optional[torch.Tensor]], crops: torch.Tensor, rows: List[int]):
-    """(len(rows), 3, h, w) uint8 views cut from float ``images`` by the (M, 6) ``crops``."""
+def cut_views(
+    images: List[Optional[torch.Tensor]], crops: torch.Tensor, rows: List[int]
+) -> torch.Tensor:
+    """
+    Args:
+        images: M (3, H_i, W_i) float images (None where undecodable).
+        crops: (M, 6) crop specs (see :meth:`DeviceCrop.as_tensor`).
+        rows: which of the M to cut.
+    Returns:
+        (len(rows), 3, h, w) uint8 views, one per row, resized as the loader does.
+    """
     specs = crops.tolist()
     cut = torch.stack([apply_crop_box(images[j], specs[j][:4], specs[j][4:]) for j in rows])
     return cut.round_().clamp_(0, 255).to(torch.uint8)
