@@ -19,8 +19,8 @@ the worker as always. A file that passed the header checks but fails to decode o
 too, it is counted as skipped and its sample takes the views of another sample of the batch.
 
 Covered: the views made by a RandomResizedCrop of the whole image (MoCo v2, DetCo's global
-views and, with the photometric part on the device, DetCo's 255 px jigsaw crops). Not covered:
-InsLoc's copy-paste composites (see docs/SPEED.md).
+views and its 255 px jigsaw crops). Not covered: InsLoc's copy-paste composites (see
+docs/SPEED.md).
 """
 import logging
 from typing import Dict, List, NamedTuple, Optional, Tuple

@@ -5,10 +5,11 @@ method's inputs as uint8 (3, H, W) RGB tensors; the model normalises them. With
 ``INPUT.PRETRAIN.DECODE_ON: device`` (mappers with ``SUPPORTS_DEVICE_DECODING``) a JPEG the
 device can decode is not decoded here: ``make_views`` gets an :class:`~.reading.EncodedJpeg`
 (bytes and size), returns :class:`~.device_decode.DeviceCrop` boxes instead of its views, and
-the training process cuts them (see :mod:`.device_decode`). An undecodable image
-is replaced by a random readable image of the data set, drawn by the mapper itself (so an epoch
-has no hole), and the number skipped is reported with the record (``"num_skipped"``) so the
-trainer can log a total across loader workers and ranks.
+the training process cuts them (see :mod:`.device_decode`).
+
+An undecodable image is replaced by a random readable image of the data set, drawn by the
+mapper itself (so an epoch has no hole), and the number skipped is reported with the record
+(``"num_skipped"``) so the trainer can log a total across loader workers and ranks.
 
 When is the data, not a few files, broken? Each loader worker remembers the files it found
 unreadable and never draws them again. It aborts with :class:`UnreadableDatasetError` when
@@ -165,7 +166,9 @@ class PretrainDatasetMapper:
         self._num_read += 1
         return image
 
-    def read_random(self, exclude: Collection[str] = ()) -> Tuple[int, str, torch.Tensor]:
+    def read_random(
+        self, exclude: Collection[str] = ()
+    ) -> Tuple[int, str, Union[torch.Tensor, EncodedJpeg]]:
         """
         Draw a random readable image of the data set, not one of ``exclude`` unless too few
         readable files remain. Files found unreadable are remembered and never drawn again.
