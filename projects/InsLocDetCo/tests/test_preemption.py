@@ -140,3 +140,26 @@ def test_a_store_that_stops_answering_means_its_host_is_lost():
         if message:
             break
     assert "rendezvous store has not answered" in message and "rank 0" in message
+
+
+def test_a_process_forked_during_training_still_ends_on_sigterm():
+    """An evaluator's worker pool forked during training inherits the handler: SIGTERM (how
+    multiprocessing.Pool ends its workers) must end it, not record a preemption there."""
+    import multiprocessing
+
+    class _ForkDuringTraining(HookBase):
+        def before_step(self):
+            if self.trainer.iter == 1:
+                ctx = multiprocessing.get_context("fork")
+                ready = ctx.Event()
+                child = ctx.Process(target=lambda: (ready.set(), signal.pause()))
+                child.start()
+                assert ready.wait(timeout=60)  # a signal before that would be lost to the fork
+                child.terminate()  # SIGTERM
+                child.join(timeout=60)
+                self.trainer.child_exitcode = child.exitcode
+
+    trainer, ckpt = _Trainer(3), _Checkpointer()
+    trainer.register_hooks([PreemptionHook(ckpt, 100), _ForkDuringTraining()])
+    trainer.train(0, 3)
+    assert trainer.child_exitcode == -signal.SIGTERM and ckpt.saved == []

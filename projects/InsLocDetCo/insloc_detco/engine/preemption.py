@@ -65,6 +65,7 @@ class PreemptionHook(HookBase):
 
     def before_train(self):
         self._received = None
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # signals reach it only
             for s in PREEMPTION_SIGNALS:
                 self._previous[s] = signal.signal(s, self._on_signal)
@@ -72,6 +73,10 @@ class PreemptionHook(HookBase):
             self._group = dist.new_group(backend="gloo")
 
     def _on_signal(self, signum, frame):
+        if os.getpid() != self._pid:  # a process forked during training (an evaluator's pool)
+            signal.signal(signum, signal.SIG_DFL)  # inherited this handler: end as it would have
+            os.kill(os.getpid(), signum)
+            return
         if self._received is None:
             self._received = signum
             logger.warning(
