@@ -34,6 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
+from ..data.datasets import try_register
 from ..engine import resolve_device
 from ..engine.launch import launch
 from .benchmarks import Benchmark
@@ -54,7 +55,6 @@ from .results import (
     summarize,
     write_json,
 )
-from .subsets import ensure_subset_registered
 from .trainer import TransferTrainer
 from .trial_state import file_sha256, prepare_trial_dir
 
@@ -129,7 +129,7 @@ def check_datasets(cfg) -> Dict[str, int]:
     """Load every train and test set once; returns name -> number of images."""
     counts = {}
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
-        if not ensure_subset_registered(name):
+        if not try_register(name):
             raise TransferError(
                 f"Dataset '{name}' is not registered (builtin names resolve under "
                 "$DETECTRON2_DATASETS, see detectron2's datasets/README.md)."
@@ -230,7 +230,7 @@ def run_trial(cfg, trial_info: Dict):
     rank = comm.get_rank()
     setup_console_logging(rank)
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
-        ensure_subset_registered(name)  # spawned processes start with the builtin names only
+        try_register(name)  # spawned processes start with the builtin names only
     log_file = "log.txt" if rank == 0 else f"log.txt.rank{rank}"
     start = time.perf_counter()
     with _log_to_file(os.path.join(cfg.OUTPUT_DIR, log_file)):
