@@ -27,7 +27,6 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils import comm
@@ -38,15 +37,16 @@ from ..data.datasets import try_register
 from ..engine import resolve_device
 from ..engine.launch import launch
 from .benchmarks import Benchmark
-from .config import load_transfer_config, quiet_logger
+from .config import load_transfer_config
 from .converter import (
+    ConversionError,
     convert_checkpoint,
-    detector_resnet_keys,
     fit_to_detector,
     load_model_zoo_pkl,
     save_model_zoo_pkl,
     target_of_config,
 )
+from .fitting import match_model_zoo_file
 from .results import (
     machine_description,
     markdown_table,
@@ -154,9 +154,9 @@ def check_datasets(cfg) -> Dict[str, int]:
 
 def check_weights(cfg, pkl: str, model_state=None) -> Dict[str, int]:
     """
-    Match the ``.pkl`` against the detector the way ``DetectionCheckpointer`` will (name
-    heuristics included): every tensor of the file must load, and the detector's ResNet must
-    come from it completely.
+    Match the ``.pkl`` against the detector the way ``DetectionCheckpointer`` will
+    (:func:`.fitting.match_weights`): every tensor of the file must load, and the detector's
+    ResNet must come from it completely.
 
     Args:
         model_state: :func:`detector_state` of ``cfg`` (built if None).
@@ -167,31 +167,12 @@ def check_weights(cfg, pkl: str, model_state=None) -> Dict[str, int]:
             ResNet would stay partly randomly initialised.
     """
     model_state = model_state if model_state is not None else detector_state(cfg)
-    data = load_model_zoo_pkl(pkl)
-    ckpt = {k: torch.as_tensor(v) for k, v in data["model"].items()}
-    if data.get("matching_heuristics", False):
-        # Its table of matches is printed again when the trial loads the weights.
-        with quiet_logger("detectron2.checkpoint.c2_model_loading"):
-            ckpt = align_and_update_state_dicts(
-                model_state, ckpt, c2_conversion=data["__author__"] == "Caffe2"
-            )
-    loaded = [k for k in ckpt if k in model_state and model_state[k].shape == ckpt[k].shape]
-    unused = [k for k in ckpt if k not in loaded and not k.endswith("num_batches_tracked")]
-    if unused:
-        shape = lambda k: f" {tuple(ckpt[k].shape)} vs {tuple(model_state[k].shape)}" if (
-            k in model_state) else " (no such tensor)"  # fmt: skip
-        raise TransferError(
-            f"{len(unused)} tensors of '{pkl}' would not be used by the detector of this "
-            f"benchmark, e.g. {unused[0]}{shape(unused[0])}. Give `run` the checkpoint itself: "
-            "it is converted for each benchmark's detector."
-        )
-    missing = [k for k in detector_resnet_keys(model_state) if k not in ckpt]
-    if missing:
-        raise TransferError(
-            f"'{pkl}' leaves {len(missing)} tensors of the detector's ResNet randomly "
-            f"initialised, e.g. {missing[0]}."
-        )
-    return {"loaded": len(loaded), "model": len(model_state)}
+    try:
+        data = load_model_zoo_pkl(pkl)
+        match = match_model_zoo_file(model_state, data, pkl, "the detector of this benchmark")
+    except ConversionError as e:
+        raise TransferError(str(e)) from None
+    return {"loaded": len(match.loaded), "model": len(model_state)}
 
 
 # ------------------------------------------------------------------------------------------
