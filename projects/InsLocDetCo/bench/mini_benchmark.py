@@ -269,7 +269,7 @@ def finetune(method: str, seed: int, weights: str, args) -> dict:
 # Table
 # ------------------------------------------------------------------------------------------
 def summarize(runs: dict, columns) -> dict:
-    from insloc_detco.transfer.results import mean_std
+    from insloc_detco.engine.runs import mean_std
 
     out = {}
     for method, seeds in runs.items():
@@ -286,7 +286,7 @@ def summarize(runs: dict, columns) -> dict:
 
 
 def table(summary: dict, columns, seeds: int) -> str:
-    from insloc_detco.transfer.results import format_mean_std
+    from insloc_detco.engine.runs import format_mean_std
 
     cols = list(columns) + ["pretext top-1"]
     lines = ["| pretraining | " + " | ".join(cols) + " | seeds |",

@@ -139,7 +139,7 @@ def finetune(method: str, weights: str, args, start: float) -> dict:
 
 
 def table(results: dict) -> str:
-    from insloc_detco.transfer.results import format_mean_std
+    from insloc_detco.engine.runs import format_mean_std
 
     cols = ("AP", "AP50", "AP75", "APmask")
     lines = [

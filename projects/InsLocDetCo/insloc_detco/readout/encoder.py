@@ -32,6 +32,7 @@ from detectron2.structures import Boxes
 from fvcore.nn.precise_bn import update_bn_stats
 from torch import nn
 
+from ..engine.runs import RANDOM_INIT
 from ..transfer.converter import ConversionError, convert_checkpoint, load_model_zoo_pkl
 from ..transfer.fitting import match_model_zoo_file, match_weights
 
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS = ("c4", "fpn")
 STAGES = ("res2", "res3", "res4", "res5")
-RANDOM_INIT = "random"  # the weights argument that measures detectron2's random initialisation
 
 
 class ReadoutError(RuntimeError):
