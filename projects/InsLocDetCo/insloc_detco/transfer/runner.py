@@ -5,7 +5,8 @@ For each benchmark: convert the weights (any layout :mod:`.formats` recognises) 
 benchmark's detector, keeping what that detector uses (:func:`.converter.fit_to_detector`),
 check that the data sets can be read and that every converted tensor loads, then fine-tune and
 evaluate ``trials`` times with seeds ``seed, seed + 1, ...`` (detectron2 ``launch``: one
-process per GPU, any number of machines). Layout of the output folder::
+process per GPU, any number of machines), on the plumbing every run shares
+(:mod:`insloc_detco.engine.runs`). Layout of the output folder::
 
     <output>/weights/<run>_<checkpoint>_<layout>.pkl   converted weights
     <output>/<benchmark>/trial<i>/                     detectron2 run: config.yaml (fully
