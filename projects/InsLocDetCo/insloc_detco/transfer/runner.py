@@ -43,6 +43,7 @@ from ..engine.runs import (
     write_json,
 )
 from .benchmarks import Benchmark
+from .box_head_choice import box_head_for_weights
 from .config import load_transfer_config
 from .converter import (
     ConversionError,
@@ -52,6 +53,7 @@ from .converter import (
     save_model_zoo_pkl,
     target_of_config,
 )
+from .evaluators import evaluation_problems
 from .fitting import match_model_zoo_file
 from .results import markdown_table, summarize
 from .trainer import TransferTrainer
@@ -120,17 +122,24 @@ def prepare_weights(weights: str, cfg, output_dir: str, model_state=None) -> str
     return path
 
 
-def check_datasets(cfg) -> Dict[str, int]:
-    """Load every train and test set once; returns name -> number of images."""
-    counts = {}
-    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+def check_datasets(cfg, num_machines: int = 1) -> Dict[str, int]:
+    """Check what the evaluators and the task need (:func:`.evaluators.evaluation_problems`),
+    then load every train and test set once; returns name -> number of images."""
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    for name in names:
         if not try_register(name):
             raise TransferError(
                 f"Dataset '{name}' is not registered (builtin names resolve under "
                 "$DETECTRON2_DATASETS, see detectron2's datasets/README.md)."
             )
+    problems = evaluation_problems(cfg, num_machines)
+    if problems:
+        raise TransferError(" ".join(problems))
+    counts = {}
+    for name in names:
         meta = MetadataCatalog.get(name)
-        source = meta.get("json_file", None) or meta.get("dirname", None) or "its loader"
+        source = (meta.get("json_file", None) or meta.get("dirname", None)
+                  or meta.get("gt_dir", None) or "its loader")  # fmt: skip
         try:
             dicts = DatasetCatalog.get(name)
         except Exception as e:
@@ -141,9 +150,6 @@ def check_datasets(cfg) -> Dict[str, int]:
         if not dicts:
             raise TransferError(f"Dataset '{name}' ({source}) has no images.")
         counts[name] = len(dicts)
-    for name in cfg.DATASETS.TEST:
-        if MetadataCatalog.get(name).get("evaluator_type", None) not in ("pascal_voc", "coco"):
-            raise TransferError(f"Test set '{name}' has no VOC or COCO evaluator type.")
     return counts
 
 
@@ -211,15 +217,18 @@ def _trial_config(base_cfg, pkl: str, trial_dir: str, seed: int):
     return cfg
 
 
-def _prepare_benchmark(bench: Benchmark, weights: str, output_dir: str, opts: Sequence[str]):
+def _prepare_benchmark(
+    bench: Benchmark, weights: str, output_dir: str, opts: Sequence[str], launch: Launch
+):
     """
     The checks of one benchmark, in the launching process: its config, the weights converted
-    for its detector (every tensor loads), its data sets.
+    for its detector (every tensor loads), its data sets and evaluators.
 
     Returns:
         (config, path of the converted ``.pkl``: "" for random init).
     """
     cfg = load_transfer_config(bench.config, opts)
+    cfg = box_head_for_weights(cfg, weights, opts)  # InsLoc's FPN protocol: head per source
     pkl, source = "", "random initialisation (no pretrained tensor)"
     if weights != RANDOM_INIT:
         model_state = detector_state(cfg)
@@ -227,7 +236,7 @@ def _prepare_benchmark(bench: Benchmark, weights: str, output_dir: str, opts: Se
         report = check_weights(cfg, pkl, model_state)
         source = f"{report['loaded']} of the detector's {report['model']} tensors come from "
         source += os.path.basename(pkl)
-    counts = check_datasets(cfg)
+    counts = check_datasets(cfg, launch.num_machines)
     logger.info(f"[{bench.name}] {source}; data: {counts}")
     return cfg, pkl
 
@@ -295,7 +304,7 @@ def run_benchmarks(
     os.makedirs(output_dir, exist_ok=True)
     all_results: Dict[str, Dict] = {}
     for bench in benchmarks:
-        cfg, pkl = _prepare_benchmark(bench, weights, output_dir, opts)
+        cfg, pkl = _prepare_benchmark(bench, weights, output_dir, opts, launch)
         n = trials or bench.trials
         files = _run_trials(bench, cfg, pkl, n, seed, output_dir, launch, force)
         if not launch.collects_results:
