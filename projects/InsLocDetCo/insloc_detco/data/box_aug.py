@@ -6,10 +6,11 @@ reference does, and one survivor is picked at random. The key always keeps the t
 
 How many anchors qualify and survive depends on the box, so the procedure has data-dependent
 shapes: it runs in the loader (``CopyPasteMapper``), per sample, where that costs nothing, and
-the training step stays fixed-shape. The grid (offset 0) is not symmetric under a horizontal
-flip, and the reference picks the anchor for the box as finally flipped; when the flip is drawn
-later on the device, the loader picks one anchor for each outcome of the flip
-(:meth:`AnchorBoxAugmentation.for_both_flips`) and the step keeps the one that matches.
+the training step stays fixed-shape. The reference picks the anchor for the box as finally
+flipped, and the grid (offset 0) is mirror-symmetric only where the canvas side is a multiple of
+the stride (the recipes: 256 / 16); so when the flip is drawn later on the device, the loader
+picks one anchor for each outcome of the flip (:meth:`AnchorBoxAugmentation.for_both_flips`)
+and the step keeps the one that matches, which is exact for any grid.
 """
 from typing import Sequence, Tuple
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 
 __all__ = ["DeviceMetricsTrainer"]
 
@@ -80,7 +81,7 @@ class DeviceMetricsTrainer(SimpleTrainer):
         scaler = self.grad_scaler
         (scaler.scale(losses) if scaler is not None else losses).backward()
         self.after_backward()
-        self.storage.put_scalar("data_time", data_time)
+        get_event_storage().put_scalar("data_time", data_time)
         self.accumulate(loss_dict)
         if self.should_flush():
             self.flush_metrics()
@@ -128,9 +129,10 @@ class DeviceMetricsTrainer(SimpleTrainer):
                 f"checkpoints)!\nmean loss_dict = {metrics}"
             )
         if comm.is_main_process():
-            self.storage.put_scalar("total_loss", total)
+            storage = get_event_storage()
+            storage.put_scalar("total_loss", total)
             if len(metrics) > 1:
-                self.storage.put_scalars(**metrics)
+                storage.put_scalars(**metrics)
 
     def state_dict(self):
         ret = super().state_dict()
