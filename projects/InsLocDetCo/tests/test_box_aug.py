@@ -125,7 +125,7 @@ def test_mapper_draws_the_query_box_augmentation(photos, placement):
     assert pairwise_iou(Boxes(hflip_boxes(truth, width)), Boxes(flipped_row)).item() > 0.5
     if placement == "loader":  # flipped in the loader already: one draw
         assert torch.equal(out["box_q_aug"][0], out["box_q_aug"][1])
-    off = load_config(INSLOC, "MODEL.INSLOC.BOX_AUG", "False", "INPUT.PRETRAIN.AUGMENT_ON", placement)
+    off = load_config(INSLOC, "MODEL.INSLOC.BOX_AUG", False, "INPUT.PRETRAIN.AUGMENT_ON", placement)
     assert "box_q_aug" not in CopyPasteMapper(off, photos)(photos[0])
 
 
