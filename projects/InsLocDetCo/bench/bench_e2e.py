@@ -238,7 +238,8 @@ def describe(r: Dict) -> str:
         gpu = f", {gpu:.0f} GPU kernels" if gpu is not None else ""
         lines.append(
             f"  launches per step {r['launches_per_step']:.0f} = {r['ops_per_step']:.0f} "
-            f"operators + {r['compiled_kernels_per_step']:.0f} compiled kernels{gpu}"
+            f"operators ({r['metadata_ops_per_step']:.0f} of them views/allocations) + "
+            f"{r['compiled_kernels_per_step']:.0f} compiled kernels{gpu}"
         )
     if "gpu_busy" in r:
         lines.append(

@@ -13,7 +13,8 @@ the CPU can always measure. It is counted with ``torch.profiler`` as
 On CUDA the profiler also sees the GPU kernels themselves and their busy time.
 """
 import time
-from typing import Dict, Iterable, Sequence
+from collections import Counter
+from typing import Dict, Iterable, Sequence, Tuple
 
 import torch
 from detectron2.utils.events import EventStorage
@@ -22,6 +23,13 @@ __all__ = ["enable_kernel_events", "count_launches", "profile_steps", "run_steps
 
 OP_NAMESPACES = ("aten::", "torchvision::", "mkldnn::", "_c10d_functional::", "c10d::")
 KERNEL_MARKS = ("cpp_fused", "triton_", "cpp_CppKernelProxy")
+# Operators that only make a view, detach, or allocate: dispatched on the host, no GPU kernel.
+METADATA_OPS = {
+    "detach", "view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand",
+    "reshape", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "unbind",
+    "chunk", "alias", "lift_fresh", "empty", "empty_strided", "empty_like", "resize_",
+    "reinterpret_tensor", "flatten", "contiguous", "_reshape_alias", "narrow", "unflatten",
+}  # fmt: skip
 
 
 def enable_kernel_events():
@@ -58,20 +66,28 @@ def _under_op(event) -> bool:
     return False
 
 
-def host_launches(events: Iterable) -> Dict[str, int]:
-    """Top-level operators and compiled kernels among profiler ``events``."""
-    ops = kernels = 0
+def host_launches(events: Iterable) -> Tuple[Dict[str, int], Counter]:
+    """
+    Returns:
+        counts of top-level operators ("ops"), of those that are metadata-only or allocations
+        (views, ``detach``, ``empty``: no kernel on a GPU, "metadata_ops"), and of compiled
+        kernels; and the operators by name.
+    """
+    by_name = Counter()
+    kernels = 0
     for e in events:
         if e.device_type.name != "CPU":
             continue
         if _is_kernel(e.name):
             kernels += 1
         elif _is_op(e.name) and not _under_op(e):
-            ops += 1
-    return {"ops": ops, "compiled_kernels": kernels}
+            by_name[e.name] += 1
+    metadata = sum(n for name, n in by_name.items() if name.split("::")[1] in METADATA_OPS)
+    counts = {"ops": sum(by_name.values()), "metadata_ops": metadata, "compiled_kernels": kernels}
+    return counts, by_name
 
 
-def count_launches(step, batch, steps: int = 2) -> Dict[str, float]:
+def count_launches(step, batch, steps: int = 2, top_ops: int = 12) -> Dict[str, float]:
     """
     Per training step (forward, backward, SGD), after one warm-up step: operators dispatched,
     compiled kernels called, their sum (``launches``), and on CUDA the GPU kernels.
@@ -83,8 +99,11 @@ def count_launches(step, batch, steps: int = 2) -> Dict[str, float]:
     run_steps(step, batch, 1, first_iter=1)
     with profile(activities=activities) as prof:
         run_steps(step, batch, steps, first_iter=2)
-    counts = {k: v / steps for k, v in host_launches(prof.events()).items()}
+    counts, by_name = host_launches(prof.events())
+    counts = {k: v / steps for k, v in counts.items()}
     counts["launches"] = counts["ops"] + counts["compiled_kernels"]
+    top = ", ".join(f"{name} {n / steps:.0f}" for name, n in by_name.most_common(top_ops))
+    print(f"  most dispatched operators per step: {top}")
     if cuda:
         gpu = [e for e in prof.events() if e.device_type.name == "CUDA"]
         counts["gpu_kernels"] = len(gpu) / steps
