@@ -86,17 +86,24 @@ class GlobalTimer(HookBase):
     def __init__(self, start: int, device: str):
         self.start, self.device = start, device
         self.t0 = self.t1 = None
+        self.first_step_s = None  # includes compilation on the fast path
 
     def _sync(self):
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
     def before_step(self):
+        if self.trainer.iter == 0:
+            self._sync()
+            self.first_start = time.perf_counter()
         if self.trainer.iter == self.start:
             self._sync()
             self.t0 = time.perf_counter()
 
     def after_step(self):
+        if self.trainer.iter == 0:
+            self._sync()
+            self.first_step_s = time.perf_counter() - self.first_start
         if self.trainer.iter == self.trainer.max_iter - 1:
             self._sync()
             self.t1 = time.perf_counter()
@@ -171,6 +178,7 @@ def end_to_end(trainer, args, batch: int) -> Dict:
     return {
         "e2e_img_s": round(batch * args.iters / wall, 1),
         "data_wait_fraction": round(timer.data_time() / wall, 3),
+        "first_step_s": round(timer.first_step_s, 1),
     }
 
 
@@ -231,7 +239,8 @@ def describe(r: Dict) -> str:
         f"  model only   {r['model_only_img_s']:9.1f} img/s (one batch repeated; host "
         f"{r['host_ms_per_step']:.1f} ms CPU per step, busy {r['host_cpu_per_wall']:.0%} of "
         f"the wall time)",
-        f"  end to end / model only = {r['e2e_over_model_only']:.3f}",
+        f"  end to end / model only = {r['e2e_over_model_only']:.3f}; first step (compiles on "
+        f"the fast path) {r.get('first_step_s', float('nan')):.1f} s",
     ]
     if "launches_per_step" in r:
         gpu = r.get("gpu_kernels_per_step")
