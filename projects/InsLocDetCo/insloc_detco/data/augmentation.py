@@ -16,7 +16,7 @@ mapper calls it on a batch of one view) or on the training device (the model cal
 ``preprocess`` on the whole batch). Both run the same module: switching the placement changes
 where the code runs, not which code exists. Measured choices are in ``bench/bench_augment.py``.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -68,13 +68,28 @@ UNIFORMS = 13
 
 
 def _where(mask: torch.Tensor, changed: torch.Tensor, unchanged: torch.Tensor) -> torch.Tensor:
-    """Per sample: ``changed`` where the (N,) ``mask`` is True, else ``unchanged``.
-
-    A fixed-shape blend instead of computing the op on the selected samples only: the step
-    then never asks the device which samples those are (no ``nonzero``, no host sync), and it
-    can be compiled and captured once. Every sample's numbers are those of the op itself.
-    """
+    """Per sample: ``changed`` where the (N,) ``mask`` is True, else ``unchanged``."""
     return torch.where(mask.view(-1, *[1] * (changed.dim() - 1)), changed, unchanged)
+
+
+def _blended_where(
+    mask: torch.Tensor, op: Callable, x: torch.Tensor, blended: bool = False
+) -> torch.Tensor:
+    """
+    ``op`` of the samples that drew it (``mask`` (N,)), the others unchanged: computed on the
+    whole batch and selected per sample, a fixed-shape blend. The step then never asks the
+    device which samples those are (no ``nonzero``, no host sync) and can be compiled and
+    captured once; every sample's numbers are those of the op itself. ``blended``: ``op``
+    already leaves the samples outside ``mask`` unchanged, exactly.
+    """
+    return op(x) if blended else _where(mask, op(x), x)
+
+
+def _skipping_where(
+    mask: torch.Tensor, op: Callable, x: torch.Tensor, blended: bool = False
+) -> torch.Tensor:
+    """:func:`_blended_where` for host masks: an op that no sample drew is not computed."""
+    return _blended_where(mask, op, x, blended) if bool(mask.any()) else x
 
 
 class PhotometricAugmentation(nn.Module):
@@ -192,6 +207,7 @@ class PhotometricAugmentation(nn.Module):
         params: Dict,
         boxes: Optional[torch.Tensor] = None,
         boxes_if_flipped: Optional[torch.Tensor] = None,
+        skip_undrawn: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """
         Args:
@@ -201,6 +217,9 @@ class PhotometricAugmentation(nn.Module):
             boxes_if_flipped: optional, shaped as ``boxes``: the boxes to use (flipped) instead
                 of ``boxes`` for the samples that are flipped (a box that depends on the flip,
                 e.g. InsLoc's query box augmentation drawn in the loader for both outcomes).
+            skip_undrawn: ``params`` are host tensors (the loader's one view at a time): an op
+                that no sample drew is skipped, not blended in (the same numbers, less work).
+                Never in the training step, where reading a mask would wait for the device.
         Returns:
             images (N, 3, H, W) float in [0, 255], and the boxes (a new tensor) or None.
         """
@@ -211,13 +230,14 @@ class PhotometricAugmentation(nn.Module):
             for k, v in params.items()
             if k != "randaugment"
         }
+        op = _skipping_where if skip_undrawn else _blended_where
         x = images.float() / 255.0
         for position in range(4):  # torchvision's ColorJitter: its own random order per sample
-            x = self._jitter_step(x, params, position)
-        x = _where(params["gray"], P.to_grayscale(x).expand_as(x), x)
-        blurred = P.gaussian_blur(x, self.kernel_size(x.shape[-1]), params["sigma"])
-        x = _where(params["blur"], blurred, x)
-        x = _where(params["flip"], x.flip(-1), x)
+            x = self._jitter_step(x, params, position, op)
+        x = op(params["gray"], lambda x: P.to_grayscale(x).expand_as(x), x)
+        k = self.kernel_size(x.shape[-1])
+        x = op(params["blur"], lambda x: P.gaussian_blur(x, k, params["sigma"]), x)
+        x = op(params["flip"], lambda x: x.flip(-1), x)
         return x * 255.0, self._flip_boxes(boxes, boxes_if_flipped, params["flip"], x.shape[-1])
 
     def randaugment_images(self, images: torch.Tensor, params: Dict) -> torch.Tensor:
@@ -241,7 +261,7 @@ class PhotometricAugmentation(nn.Module):
         return _where(flip, P.hflip_boxes(alternative, width), boxes)
 
     @staticmethod
-    def _jitter_step(x: torch.Tensor, params: Dict, position: int) -> torch.Tensor:
+    def _jitter_step(x: torch.Tensor, params: Dict, position: int, op: Callable) -> torch.Tensor:
         """
         The ``position``-th op of every jittered sample's own order. Brightness, contrast and
         saturation are all ``blend(x, other, f)`` (other: black, the mean luma, the luma), so
@@ -249,16 +269,20 @@ class PhotometricAugmentation(nn.Module):
         exactly); the hue rotation is blended in for the samples that drew it. Fixed shapes and
         few kernels: a training step is bound by kernel launches (bench/bench_e2e.py).
         """
-        op, jitter = params["order"][:, position], params["jitter"]
-        blends = jitter & (op < 3)
-        drawn = params["factors"].gather(1, op.clamp(max=2)[:, None])[:, 0]
-        f = torch.where(blends, drawn, 1.0)
-        contrast = (blends & (op == 1)).to(x.dtype).view(-1, 1, 1, 1)
-        saturation = (blends & (op == 2)).to(x.dtype).view(-1, 1, 1, 1)
-        gray = P.to_grayscale(x)
-        other = saturation * gray + contrast * gray.mean(dim=(1, 2, 3), keepdim=True)
-        x = P.blend(x, other, f)
-        return _where(jitter & (op == 3), P.adjust_hue(x, params["factors"][:, 3]), x)
+        which, jitter = params["order"][:, position], params["jitter"]
+        blends = jitter & (which < 3)
+
+        def blend(x):
+            drawn = params["factors"].gather(1, which.clamp(max=2)[:, None])[:, 0]
+            f = torch.where(blends, drawn, 1.0)
+            contrast = (blends & (which == 1)).to(x.dtype).view(-1, 1, 1, 1)
+            saturation = (blends & (which == 2)).to(x.dtype).view(-1, 1, 1, 1)
+            gray = P.to_grayscale(x)
+            other = saturation * gray + contrast * gray.mean(dim=(1, 2, 3), keepdim=True)
+            return P.blend(x, other, f)
+
+        x = op(blends, blend, x, blended=True)
+        return op(jitter & (which == 3), lambda x: P.adjust_hue(x, params["factors"][:, 3]), x)
 
     def forward(
         self,
@@ -296,6 +320,7 @@ class PhotometricAugmentation(nn.Module):
         The loader-worker path: one (3, H, W) uint8 view (and its (4,) box) in, the augmented
         uint8 view (and box) out.
         """
-        out, boxes = self(image[None], None if box is None else box[None].float())
+        boxes = None if box is None else box[None].float()
+        out, boxes = self.apply(image[None], self.sample(1), boxes, skip_undrawn=True)
         out = out[0].round_().clamp_(0, 255).to(torch.uint8)
         return out, (None if boxes is None else boxes[0] + 0.0)  # + 0.0: no -0.0 after a flip
