@@ -49,7 +49,8 @@ bench() {
 
 # Most important first: MoCo v2 at the recipe's 32 and at 64 per GPU (targets 1,300 / 2,000),
 # with launches and GPU busy share; the other methods at 64; then MoCo's larger batches.
-# bf16 AMP in all of them; then, for the AMP default, MoCo v2's fast path at 64 in fp32 (TF32).
+# bf16 AMP in all of them; then, for the AMP and compile-mode defaults, MoCo v2's fast path at
+# 64 in fp32 and without CUDA graphs.
 bench moco_64 pretrain_moco_v2.yaml 64 --amp --kernels --profile
 bench moco_32 pretrain_moco_v2.yaml 32 --amp
 bench insloc_c4_64 pretrain_insloc_c4.yaml 64 --amp
@@ -57,4 +58,7 @@ bench insloc_fpn_64 pretrain_insloc_fpn.yaml 64 --amp
 bench detco_64 pretrain_detco.yaml 64 --amp
 bench moco_128_256 pretrain_moco_v2.yaml 128,256 --amp --model-only
 bench moco_64_fp32 pretrain_moco_v2.yaml 64 --paths fast --model-only
+# The compile mode without CUDA graphs, for the COMPILE_MODE default.
+bench moco_64_no_cuda_graphs pretrain_moco_v2.yaml 64 --amp --paths fast --model-only \
+  MODEL.FAST_PATH.COMPILE_MODE default
 echo "done in $((SECONDS - START))s" | tee -a "$OUT/run.log"
