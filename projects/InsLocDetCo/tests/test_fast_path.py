@@ -221,7 +221,7 @@ def test_fast_path_two_processes():
 def test_inductor_kernels_equal_eager():
     """inductor's generated C++ kernels (MoCo v2, ResNet-18 to keep compilation short): the
     same losses, queue and momentum encoder within float32 re-association error; gradients
-    within 5 % relative L2 error (batch norm over 4-sample key chunks and 2 x 2 res5 maps
+    within 2 % relative L2 error (measured 0.36 %; batch norm over 4-sample key chunks and 2 x 2 res5 maps
     amplifies the re-association of its reductions)."""
     r18 = ("MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64)
     cfg = method_config("moco_v2", False, *r18)
@@ -230,5 +230,5 @@ def test_inductor_kernels_equal_eager():
     torch._dynamo.reset()
     inductor = ("MODEL.FAST_PATH.BACKEND", "inductor")
     fast = train(method_config("moco_v2", True, *inductor, *r18), batches)
-    worst = assert_same_training(eager, fast, dict(rtol=1e-3, atol=1e-4), grad_rel_l2=0.05)
+    worst = assert_same_training(eager, fast, dict(rtol=1e-3, atol=1e-4), grad_rel_l2=0.02)
     print(f"largest relative L2 error of a gradient, inductor vs eager: {worst:.2g}")
