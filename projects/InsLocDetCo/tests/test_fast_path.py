@@ -221,8 +221,8 @@ def test_fast_path_two_processes():
 def test_inductor_kernels_equal_eager():
     """inductor's generated C++ kernels (MoCo v2, ResNet-18 to keep compilation short): the
     same losses, queue and momentum encoder within float32 re-association error; gradients
-    within 2 % relative L2 error (measured 0.36 %; batch norm over 4-sample key chunks and 2 x 2 res5 maps
-    amplifies the re-association of its reductions)."""
+    within 2 % relative L2 error (measured 0.36 %: batch norm over 4-sample key chunks and
+    2 x 2 res5 maps amplifies the re-association of its reductions)."""
     r18 = ("MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64)
     cfg = method_config("moco_v2", False, *r18)
     batches = mapped_batches(cfg, steps=2)
