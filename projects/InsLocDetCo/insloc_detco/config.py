@@ -180,6 +180,21 @@ def add_insloc_detco_config(cfg):
     # one H100, MoCo v2 at batch 64: +18% img/s in fp32/TF32, +24% under bf16 autocast
     # (README, "Speed").
     _C.MODEL.CHANNELS_LAST = True
+    # The fast path of the training step: "on", "off" (eager), or "auto" (on where MODEL.DEVICE
+    # is CUDA, off on the CPU, where compiling costs minutes and the step gains little). The
+    # step is one definition either way (fixed shapes, no host synchronisation inside it); the
+    # fast path compiles the encoders and the on-device augmentation with torch.compile,
+    # captures them in CUDA graphs when COMPILE_MODE asks for it, and updates the weights with
+    # a fused SGD. docs/SPEED.md has what it measured.
+    _C.MODEL.FAST_PATH = CN()
+    _C.MODEL.FAST_PATH.ENABLED = "auto"
+    # torch.compile backend: "inductor" (generates fused kernels), or "aot_eager" (traces the
+    # same graphs, runs them eagerly: what the CPU tests use to check equivalence quickly).
+    _C.MODEL.FAST_PATH.BACKEND = "inductor"
+    # torch.compile mode: "auto" ("reduce-overhead" on CUDA: CUDA-graph capture, one launch per
+    # graph; "default" elsewhere), or any mode torch.compile accepts ("default",
+    # "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs").
+    _C.MODEL.FAST_PATH.COMPILE_MODE = "auto"
     # Autocast dtype of SOLVER.AMP.ENABLED: "bfloat16", "float16", or "auto" (bfloat16 where
     # the GPU supports it, else float16). bfloat16 needs no loss scaling (no GradScaler, whose
     # overflow check synchronises the GPU every step).

@@ -227,6 +227,10 @@ class DetCo(ContrastivePretrainer):
                 queue.enqueue(k[f"{f}/{kind}"])
         return losses
 
+    def device_augmentations(self) -> List[PhotometricAugmentation]:
+        local = [self.local_augmentation] if self.local_augmentation is not None else []
+        return super().device_augmentations() + local
+
     def prepare_inputs(self, batched_inputs: List[Dict]):
         """
         Returns:
