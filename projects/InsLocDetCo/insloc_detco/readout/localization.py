@@ -19,11 +19,21 @@ centre. A feature scores high when a region's vector says whether it holds the o
 
 from typing import Dict, List
 
+import numpy as np
 import torch
 
+from .feature_store import FeatureShard
 from .linear import LinearRecipe, linear_probe
 
-__all__ = ["grid_boxes", "cell_labels", "object_cells", "localization_probe", "object_cell_probe"]
+__all__ = [
+    "grid_boxes",
+    "cell_labels",
+    "CellLabels",
+    "object_cells",
+    "localization_probe",
+    "object_cell_probe",
+    "loc_readout",
+]
 
 
 def grid_boxes(height: int, width: int, grid: int = 3) -> torch.Tensor:
@@ -43,21 +53,30 @@ def cell_labels(num_images: int, cells: int) -> torch.Tensor:
     return torch.arange(cells).repeat(num_images)
 
 
+class CellLabels:
+    """:func:`cell_labels` computed for the rows asked for (nothing stored per row)."""
+
+    def __init__(self, cells: int):
+        self.cells = cells
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return torch.as_tensor(rows, dtype=torch.long) % self.cells
+
+
 def localization_probe(
-    train_boxes: torch.Tensor, val_boxes: torch.Tensor, cells: int, recipe: LinearRecipe
-) -> Dict[str, float]:
+    train_boxes, val_boxes, cells: int, recipe: LinearRecipe, distributed: bool = False,
+    device="cpu",
+) -> Dict[str, float]:  # fmt: skip
     """
     Args:
-        train_boxes, val_boxes: (N * cells, D) per-cell features, image-major.
+        train_boxes, val_boxes: (N * cells, D) per-cell features, image-major (tensors or
+            memory-mapped arrays; ``distributed``: this process's shards).
         cells: M.
     Returns:
         {"Loc": top-1 accuracy (%) of the cell index on the validation cells}.
     """
-    n_train, n_val = train_boxes.shape[0] // cells, val_boxes.shape[0] // cells
-    acc = linear_probe(
-        train_boxes, cell_labels(n_train, cells), val_boxes, cell_labels(n_val, cells), cells,
-        recipe,
-    )  # fmt: skip
+    labels = CellLabels(cells)
+    acc = linear_probe(train_boxes, labels, val_boxes, labels, cells, recipe, distributed, device)
     return {"Loc": acc["top1"]}
 
 
@@ -84,19 +103,51 @@ def object_cells(records: List[Dict], resize: int, crop: int, grid: int = 3) -> 
 
 
 def object_cell_probe(
-    train_boxes: torch.Tensor, train_cells: torch.Tensor, val_boxes: torch.Tensor,
-    val_cells: torch.Tensor, cells: int, recipe: LinearRecipe,
+    train_boxes, train_cells: torch.Tensor, val_boxes, val_cells: torch.Tensor, cells: int,
+    recipe: LinearRecipe, distributed: bool = False, device="cpu",
 ) -> Dict[str, float]:  # fmt: skip
     """
     Args:
-        train_boxes, val_boxes: (N * cells, D) per-cell features, image-major.
+        train_boxes, val_boxes: (N * cells, D) per-cell features, image-major (tensors or
+            memory-mapped arrays; ``distributed``: this process's shards).
         train_cells, val_cells: (N,) the cell of each image's object (:func:`object_cells`).
     Returns:
         {"ObjLoc": top-1 accuracy (%) of the object's cell on the validation images}.
     """
     d = train_boxes.shape[1]
     acc = linear_probe(
-        train_boxes.view(-1, cells, d), train_cells, val_boxes.view(-1, cells, d), val_cells, 1,
-        recipe,
+        train_boxes.reshape(-1, cells, d), train_cells, val_boxes.reshape(-1, cells, d),
+        val_cells, 1, recipe, distributed, device,
     )  # fmt: skip
     return {"ObjLoc": acc["top1"]}
+
+
+def loc_readout(
+    train: FeatureShard, val: FeatureShard, train_records: List[Dict], val_records: List[Dict],
+    num_classes: int, grid: int, recipe: LinearRecipe, resize: int, crop: int, device="cpu",
+) -> Dict[str, float]:  # fmt: skip
+    """
+    The localization readout on every process's feature shards ("boxes": the cells, "res5":
+    the whole images, from the same backbone pass).
+
+    Returns:
+        {"Loc"}, "ObjLoc" when every record has one object box, and "Cls" when the records
+        have class labels: a linear classifier of the class on the cached res5 features with
+        the same recipe (not MoCo's augmented linear protocol, which ``linear`` runs).
+    """
+    m = grid * grid
+    out = localization_probe(train.arrays["boxes"], val.arrays["boxes"], m, recipe, True, device)
+    mine = [torch.from_numpy(s.index) for s in (train, val)]
+    if all("bbox" in r for r in train_records) and all("bbox" in r for r in val_records):
+        out.update(object_cell_probe(
+            train.arrays["boxes"], object_cells(train_records, resize, crop, grid)[mine[0]],
+            val.arrays["boxes"], object_cells(val_records, resize, crop, grid)[mine[1]], m,
+            recipe, True, device,
+        ))  # fmt: skip
+    if "label" in train_records[0]:
+        labels = [torch.as_tensor(np.asarray([r["label"] for r in records]))[index]
+                  for records, index in zip((train_records, val_records), mine)]  # fmt: skip
+        cls = linear_probe(train.arrays["res5"], labels[0], val.arrays["res5"], labels[1],
+                           num_classes, recipe, True, device)  # fmt: skip
+        out["Cls"] = cls["top1"]
+    return out

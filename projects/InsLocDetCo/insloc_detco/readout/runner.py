@@ -20,11 +20,13 @@ from ..engine.launch import launch
 from ..transfer.converter import ConversionError
 from .datasets import class_labels, get_readout_dataset, image_level_targets
 from .encoder import RANDOM_INIT, STAGES, ReadoutError, build_readout_encoder
-from .features import eval_transform, extract_features, image_batches
-from .knn import knn_accuracy
+from .feature_store import FeatureStore
+from .features import eval_transform, extract_features, extract_shard, image_batches
+from .knn import sharded_knn_accuracy
 from .linear import LinearRecipe, linear_probe, train_linear_protocol
-from .localization import grid_boxes, localization_probe, object_cell_probe, object_cells
+from .localization import grid_boxes, loc_readout
 from .results import machine_description, merge_results, now, result_key
+from .stage_pooling import MultiStagePooling, squash_transform, stage_pooling_mode
 from .svm import DEFAULT_COSTS, svm_readout
 from .views import view_retrieval
 
@@ -65,6 +67,10 @@ class ReadoutSettings:
     # (0: the checkpoint's statistics, the papers' protocol). See ReadoutEncoder.
     precise_bn: int = 0
     opts: Sequence[str] = ()  # KEY VALUE overrides of the readout network's config
+    # knn, linear --cached, loc: per-process feature shards on disk (None: <output dir>/features)
+    feature_dir: Optional[str] = None
+    feature_dtype: str = "float32"  # or "float16": half the disk
+    keep_features: bool = False
     # kNN
     ks: Sequence[int] = (20, 200)
     temperature: float = 0.07
@@ -77,6 +83,7 @@ class ReadoutSettings:
     stages: Sequence[str] = STAGES
     costs: Sequence[float] = DEFAULT_COSTS
     folds: int = 3
+    svm_jobs: int = -1  # processes for the SVM fits (-1: one per CPU)
 
     def input_size(self, dataset: str):
         """(resize, crop): as given, else the data set's own size, else MoCo's 256 / 224."""
@@ -140,25 +147,30 @@ def load_readout_data(s: ReadoutSettings) -> ReadoutData:
 
 
 # ------------------------------------------------------------------------------------------
-# The protocols, in every process (features are extracted in parallel; the small classifiers
-# are fitted by the main process)
+# The protocols, in every process (features are extracted in parallel; knn, linear and loc keep
+# each process's features on disk and train / compare across the processes; the SVMs are
+# fitted by the main process)
 # ------------------------------------------------------------------------------------------
-def _extract(encoder, s: ReadoutSettings, d: ReadoutData, split: str, **kwargs):
+def _store(s: ReadoutSettings, output_dir: str) -> FeatureStore:
+    root = s.feature_dir or os.path.join(output_dir, "features")
+    return FeatureStore(root, s.feature_dtype, s.keep_features)
+
+
+def _shard(store: FeatureStore, encoder, s: ReadoutSettings, d: ReadoutData, split: str, **kw):
     records = d.train if split == "train" else d.val
-    return extract_features(encoder, records, eval_transform(d.resize, d.crop),
-                            batch_size=s.batch_size, num_workers=s.num_workers,
-                            name=s.train if split == "train" else s.val, **kwargs)  # fmt: skip
+    return extract_shard(store, encoder, records, eval_transform(d.resize, d.crop), split,
+                         batch_size=s.batch_size, num_workers=s.num_workers, **kw)  # fmt: skip
 
 
-def _knn(encoder, s: ReadoutSettings, d: ReadoutData) -> Dict:
-    # The memory bank stays sharded over the processes; the queries are gathered.
-    bank = _extract(encoder, s, d, "train", gather=False)
-    queries = _extract(encoder, s, d, "val")
-    train_y = torch.as_tensor(class_labels(d.train))[bank["index"]]
-    val_y = torch.as_tensor(class_labels(d.val))
-    dev = encoder.device  # the similarities on the accelerator when there is one
-    return knn_accuracy(bank["res5"].to(dev), train_y.to(dev), queries["res5"].to(dev), val_y,
-                        len(d.classes), s.ks, s.temperature)  # fmt: skip
+def _knn(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dict:
+    # Bank and queries stay sharded over the processes, on disk.
+    with _store(s, output_dir) as store:
+        bank, queries = _shard(store, encoder, s, d, "train"), _shard(store, encoder, s, d, "val")
+        return sharded_knn_accuracy(
+            bank.arrays["res5"], class_labels(d.train)[bank.index], queries.arrays["res5"],
+            class_labels(d.val)[queries.index], len(d.classes), s.ks, s.temperature,
+            device=encoder.device,
+        )  # fmt: skip
 
 
 def _linear(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dict:
@@ -167,44 +179,36 @@ def _linear(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dic
         ckpt = os.path.join(output_dir, "linear_checkpoint.pth")
         return train_linear_protocol(encoder, d.train, train_y, d.val, val_y, len(d.classes),
                                      s.recipe, d.crop, d.resize, s.num_workers, ckpt)  # fmt: skip
-    ftr, fva = _extract(encoder, s, d, "train"), _extract(encoder, s, d, "val")
-    if not comm.is_main_process():
-        return {}
-    return linear_probe(ftr["res5"], torch.as_tensor(train_y), fva["res5"],
-                        torch.as_tensor(val_y), len(d.classes), s.recipe)  # fmt: skip
+    with _store(s, output_dir) as store:
+        ftr, fva = _shard(store, encoder, s, d, "train"), _shard(store, encoder, s, d, "val")
+        return linear_probe(
+            ftr.arrays["res5"], torch.as_tensor(train_y[ftr.index]), fva.arrays["res5"],
+            torch.as_tensor(val_y[fva.index]), len(d.classes), s.recipe, True, encoder.device,
+        )  # fmt: skip
 
 
-def _loc(encoder, s: ReadoutSettings, d: ReadoutData) -> Dict:
+def _loc(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dict:
     boxes = grid_boxes(d.crop, d.crop, s.grid)
     # One backbone pass per image gives the cells' features and the whole image's (for Cls).
-    ftr = _extract(encoder, s, d, "train", boxes=boxes)
-    fva = _extract(encoder, s, d, "val", boxes=boxes)
-    if not comm.is_main_process():
-        return {}
-    m = s.grid * s.grid
-    out = localization_probe(ftr["boxes"], fva["boxes"], m, s.recipe)
-    if all("bbox" in r for r in d.train + d.val):  # one object per image: where is it?
-        out.update(object_cell_probe(
-            ftr["boxes"], object_cells(d.train, d.resize, d.crop, s.grid),
-            fva["boxes"], object_cells(d.val, d.resize, d.crop, s.grid), m, s.recipe,
-        ))  # fmt: skip
-    if "label" in d.train[0]:
-        cls = linear_probe(
-            ftr["res5"], torch.as_tensor(class_labels(d.train)), fva["res5"],
-            torch.as_tensor(class_labels(d.val)), len(d.classes), s.recipe,
-        )  # fmt: skip
-        out["Cls"] = cls["top1"]
-    return out
+    with _store(s, output_dir) as store:
+        ftr = _shard(store, encoder, s, d, "train", boxes=boxes)
+        fva = _shard(store, encoder, s, d, "val", boxes=boxes)
+        return loc_readout(ftr, fva, d.train, d.val, len(d.classes), s.grid, s.recipe, d.resize,
+                           d.crop, encoder.device)  # fmt: skip
 
 
 def _svm(encoder, s: ReadoutSettings, d: ReadoutData) -> Dict:
-    ftr = _extract(encoder, s, d, "train", stages=s.stages)
-    fva = _extract(encoder, s, d, "val", stages=s.stages)
+    # DetCo's extraction: squashed to crop x crop, per-stage pooling to ~9k dimensions.
+    logger.info(f"[svm] {stage_pooling_mode(d.crop)} pooling at {d.crop} px")
+    kw = dict(stages=s.stages, forward=MultiStagePooling(s.stages), gather="main",
+              batch_size=s.batch_size, num_workers=s.num_workers)  # fmt: skip
+    ftr = extract_features(encoder, d.train, squash_transform(d.resize, d.crop), name=s.train, **kw)
+    fva = extract_features(encoder, d.val, squash_transform(d.resize, d.crop), name=s.val, **kw)
     if not comm.is_main_process():
         return {}
     return svm_readout(
         {k: ftr[k] for k in s.stages}, d.train_targets, {k: fva[k] for k in s.stages},
-        d.val_targets, s.costs, s.folds, s.seed,
+        d.val_targets, s.costs, s.folds, s.seed, s.svm_jobs,
     )  # fmt: skip
 
 
@@ -239,11 +243,11 @@ def readout_one(
     logger.info(f"[{s.protocol}] {report.summary()}; {len(d.train)} -> {len(d.val)} images "
                 f"at {d.crop} px")  # fmt: skip
     if s.protocol == "knn":
-        metrics = _knn(encoder, s, d)
+        metrics = _knn(encoder, s, d, output_dir)
     elif s.protocol == "linear":
         metrics = _linear(encoder, s, d, output_dir)
     elif s.protocol == "loc":
-        metrics = _loc(encoder, s, d)
+        metrics = _loc(encoder, s, d, output_dir)
     elif s.protocol == "svm":
         metrics = _svm(encoder, s, d)
     elif s.protocol == "views":
