@@ -134,6 +134,7 @@ def shard_values(batches):
 # ------------------------------------------------------------------------------------------
 # The same results as features in memory
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_shards_on_disk_give_the_in_memory_results(sets, tmp_path, stub_network):
     train, val = sets[48]
     records = [DatasetCatalog.get(train), DatasetCatalog.get(val)]

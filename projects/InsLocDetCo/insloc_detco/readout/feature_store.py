@@ -130,7 +130,8 @@ class FeatureStore:
         for f in self._files:
             if os.path.exists(f):
                 os.remove(f)
-        comm.synchronize()
+        if exc[0] is None:  # after an error the other processes may never get here
+            comm.synchronize()
         for d in (self.folder, self.root):
             try:
                 os.rmdir(d)  # only if empty: other runs' folders stay
@@ -172,8 +173,8 @@ class FeatureStore:
         local = comm.get_local_size()
         if need * local > free:
             raise ReadoutError(
-                f"The features of '{name}' need {need * local / 2**30:.1f} GB on {self.folder} "
-                f"({local} processes), {free / 2**30:.1f} GB are free: pass --feature-dir on a "
+                f"The features of '{name}' need {need * local / 2**30:.1f} GiB on {self.folder} "
+                f"({local} processes), {free / 2**30:.1f} GiB are free: pass --feature-dir on a "
                 "larger disk, or --feature-dtype float16 (half the size)."
             )
         handles = {}
@@ -198,16 +199,15 @@ class FeatureStore:
         return np.ascontiguousarray(v.astype(self.dtype, copy=False))
 
     def _reopen(self, name: str, shard: FeatureShard) -> FeatureShard:
-        shapes = {k: (r, None) for k, r in shard.rows.items()}
         for k, path in zip(shard.rows, shard.files):
             shard.arrays[k] = np.load(path, mmap_mode="r")
-            shapes[k] = (shard.rows[k], shard.arrays[k].shape[1])
         # Processes with an empty shard learn the shapes from the others.
-        for other in comm.all_gather(shapes if len(shard) else {}):
+        shapes = {k: (shard.rows[k], a.shape[1]) for k, a in shard.arrays.items()}
+        for other in comm.all_gather(shapes):
             for k, (rows, dim) in other.items():
                 if k not in shard.arrays:
                     shard.rows[k] = rows
                     shard.arrays[k] = np.empty((0, dim), dtype=self.dtype)
         total = sum(comm.all_gather(shard.nbytes()))
-        logger.info(f"[{name}] features on disk: {total / 2**30:.2f} GB in {self.folder}")
+        logger.info(f"[{name}] features on disk: {total / 2**30:.2f} GiB in {self.folder}")
         return shard

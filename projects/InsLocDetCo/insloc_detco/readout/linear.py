@@ -13,7 +13,9 @@ Two trainers share the recipe (:class:`LinearRecipe`):
   (minutes instead of hours; what the mini benchmark, the localization readout and the tests
   use). ``normalize="standardize"`` standardises every feature dimension with the training
   set's mean and std first (a parameter-free BatchNorm, as MAE's linear probe), which makes the
-  learning rate mean the same thing for features of any scale (e.g. random init).
+  learning rate mean the same thing for features of any scale (e.g. random init). The
+  features may be memory-mapped shards on disk (:mod:`.feature_store`), read a minibatch or a
+  block at a time; with ``distributed`` every process trains on its own shard (DDP).
 """
 
 import logging
