@@ -120,6 +120,13 @@ def add_insloc_detco_config(cfg):
     # device, in the model's preprocess), or "auto" (device when MODEL.DEVICE is CUDA, else
     # loader). The same code runs in both places (data/augmentation.py).
     _C.INPUT.PRETRAIN.AUGMENT_ON = "auto"
+    # Where JPEGs are decoded and the views cut: "loader" (in the loader workers, every
+    # format), "device" (the workers read only the file's bytes and header and draw the crop
+    # boxes; the training device decodes the batch, batched nvjpeg on CUDA, and cuts the views;
+    # needs the photometric part on the device; MoCo v2 and DetCo only; formats and JPEGs the
+    # device does not take are decoded in the loader), or "auto" (device on CUDA where that is
+    # possible, else loader). docs/SPEED.md has the measurements behind the default.
+    _C.INPUT.PRETRAIN.DECODE_ON = "loader"
     # Images whose shorter side is below this many pixels are skipped (and counted).
     _C.INPUT.PRETRAIN.MIN_IMAGE_SIZE = 16
     # Decoded images are first resized so that the shorter side is at most this (0: never).

@@ -36,6 +36,7 @@ def _mapped(cfg, n=4):
     return mapper, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_device_placement_trains_every_method(method):
     cfg = load_config(CONFIGS[method], "INPUT.PRETRAIN.AUGMENT_ON", "device")

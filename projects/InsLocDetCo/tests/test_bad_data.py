@@ -226,6 +226,7 @@ def test_all_unreadable_data_set_ends_with_a_clear_error(mapper, num, tmp_path):
     assert "broken" in message and str(tmp_path / "data") in message  # quotes bad files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num,limit", [(500, 1000), (300, 40)])
 def test_all_unreadable_large_data_set_in_a_loader_worker(num, limit, tmp_path):
     """Through a loader worker process; below and above MAX_CONSECUTIVE_FAILURES."""
@@ -296,6 +297,7 @@ def _claims_size(fmt: str, path, width: int, height: int) -> str:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["PNG", "BMP", "GIF", "JPEG"])
 def test_pixel_cap_is_checked_from_the_header_for_every_format(fmt, tmp_path, monkeypatch):
     """12000 x 12000 (144 MP) is above the default cap but below Pillow's own error (179 MP):
@@ -376,6 +378,7 @@ def test_corrupt_png_pixel_data_is_unreadable_not_black(tmp_path):
 # --- End to end: train_net.py as a user runs it ------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
 def test_train_net_insloc_on_a_mostly_bad_folder_with_a_link_loop(tmp_path):
     """2 readable + 1 unreadable image and a `sub/up -> ..` loop: InsLoc trains, and
@@ -394,6 +397,7 @@ def test_train_net_insloc_on_a_mostly_bad_folder_with_a_link_loop(tmp_path):
     assert ckpt["iteration"] == 2
 
 
+@pytest.mark.slow
 def test_train_net_on_an_unreadable_folder_ends_with_our_error(tmp_path):
     root = _corpus(tmp_path / "data", 0, 7)
     proc = run_train_net(

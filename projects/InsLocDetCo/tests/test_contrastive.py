@@ -163,6 +163,7 @@ def _shuffle_bn_worker(per_rank):
     assert torch.equal(q.keys[: 2 * per_rank], x)  # keys of all ranks, in rank order
 
 
+@pytest.mark.slow
 def test_shuffle_bn_two_processes():
     run_distributed(_shuffle_bn_worker, 2, args=(3,))
 

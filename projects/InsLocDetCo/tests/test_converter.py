@@ -129,6 +129,7 @@ def _assert_same(a, b, what):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("meta_arch,target", CASES)
 def test_conversion_loads_into_detector(pretrained, tmp_path, meta_arch, target):
     ckpt, model = pretrained(meta_arch)

@@ -189,6 +189,7 @@ def test_shuffle_bn_keeps_each_patch_set_with_its_image():
         assert torch.allclose(shuffled[name], plain[name], atol=1e-5), name
 
 
+@pytest.mark.slow
 def test_instant_config_trains_in_two_processes(tmp_path):
     out = str(tmp_path)
     proc = run_train_net(

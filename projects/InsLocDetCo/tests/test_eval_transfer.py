@@ -203,6 +203,7 @@ def moco_checkpoint(tmp_path_factory):
     return os.path.join(out, "model_final.pth")
 
 
+@pytest.mark.slow
 def test_run_end_to_end_and_rerun_skips(moco_checkpoint, tmp_path):
     out = str(tmp_path / "transfer")
     env = dict(os.environ, OMP_NUM_THREADS="1", DETECTRON2_DATASETS=str(tmp_path / "data"))
@@ -245,6 +246,7 @@ def test_run_end_to_end_and_rerun_skips(moco_checkpoint, tmp_path):
     assert again["demo_voc_c4"]["summary"]["AP"]["values"] == summary["AP"]["values"]
 
 
+@pytest.mark.slow
 def test_cli_list_and_convert(moco_checkpoint, tmp_path, capsys):
     cli = _eval_transfer()
     assert cli.main(["--list"]) == 0
@@ -267,6 +269,7 @@ def test_cli_list_and_convert(moco_checkpoint, tmp_path, capsys):
         assert "backbone.res4.5.conv3.weight" in pickle.load(f)["model"]
 
 
+@pytest.mark.slow
 def test_cli_convert_never_destroys_a_file(moco_checkpoint, tmp_path, capsys):
     """`convert X.pth X.pth` replaced a 509 MB checkpoint with a 168 MB pickle, silently."""
     cli = _eval_transfer()
@@ -320,6 +323,7 @@ def test_clear_errors(moco_checkpoint, tmp_path, capsys):
     assert not os.path.isdir(os.path.join(out, "demo_voc_c4"))  # nothing launched
 
 
+@pytest.mark.slow
 def test_run_places_weights_for_each_benchmark(moco_checkpoint, tmp_path):
     """A .pkl converted for one layout is converted again for the benchmark's detector, keeping
     what it uses; a file that would leave tensors unused is refused."""
@@ -337,6 +341,7 @@ def test_run_places_weights_for_each_benchmark(moco_checkpoint, tmp_path):
         check_weights(fpn_cfg, pkl)  # backbone.res4.* names: no such tensors in an FPN
 
 
+@pytest.mark.slow
 def test_run_takes_an_official_moco_checkpoint(tmp_path):
     """`run` accepts MoCo's own checkpoint (main_moco.py's .pth.tar) directly."""
     resnet = torchvision.models.resnet50().state_dict()
@@ -359,6 +364,7 @@ def test_run_takes_an_official_moco_checkpoint(tmp_path):
                        resnet["layer4.2.conv3.weight"])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_random_init_on_two_processes(tmp_path):
     """The no-pretraining baseline, fine-tuned under launch with 2 processes (gloo on CPU:
     DDP without a device id)."""
@@ -375,6 +381,7 @@ def test_random_init_on_two_processes(tmp_path):
     assert "| demo_voc_c4 | random | 1 |" in open(os.path.join(out, "results.md")).read()
 
 
+@pytest.mark.slow
 def test_unreadable_annotations_are_a_clear_error(moco_checkpoint, tmp_path, capsys):
     root = str(tmp_path / "demo_det")
     demo_det.ensure_demo_det(root)
@@ -401,6 +408,7 @@ def test_unreadable_annotations_are_a_clear_error(moco_checkpoint, tmp_path, cap
                 MetadataCatalog.remove(f"corrupt_demo_det_{fmt}_{split}")
 
 
+@pytest.mark.slow
 def test_trial_started_with_another_config_is_not_resumed(tmp_path):
     """A trial rerun with another schedule resumed the old schedule's checkpoint and reported it.
     Now that is an error naming the differences, and nothing in the trial folder changes."""

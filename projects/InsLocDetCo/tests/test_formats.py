@@ -71,6 +71,7 @@ BACKBONE_ONLY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BACKBONE_ONLY))
 def test_backbone_only_formats_write_the_source_resnet(fakes, resnet_sd, name):
     conversion, _ = convert_checkpoint(fakes[name], "auto")
@@ -173,6 +174,7 @@ def _close(a, b, what):
                                msg=lambda m: f"{what}: {m}")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resnet_features_equal_torchvision(fakes, torchvision_resnet):
     """A converted torchvision-layout ResNet computes what torchvision's ResNet-50 computes."""
     conversion, _ = convert_checkpoint(fakes["densecl_released"], "any")
@@ -223,6 +225,7 @@ def _detector(config):
     return build_model(cfg).eval()
 
 
+@pytest.mark.slow
 def test_instance_loc_fpn_features_equal_mmdetection(fakes, torchvision_resnet, insloc_heads):
     """InstanceLoc's BN placement (mmcv ConvModule: conv -> bn) lands on detectron2's
     ``fpn_*.norm`` and ``box_head.conv*.norm``: same P2-P5 and box-head features."""
@@ -248,6 +251,7 @@ def test_instance_loc_fpn_features_equal_mmdetection(fakes, torchvision_resnet, 
         _close(y, _mmcv_box_head(z, insloc_heads), "box head")
 
 
+@pytest.mark.slow
 def test_instance_loc_c4_res5_features(fakes, torchvision_resnet):
     detector = _detector(C4_DETECTOR)
     conversion, _ = convert_checkpoint(fakes["insloc_c4"], "c4")
@@ -344,6 +348,7 @@ def test_instance_loc_neck_with_another_norm_is_an_error(resnet_sd, insloc_heads
         convert_state_dict(sd, "fpn")
 
 
+@pytest.mark.slow
 def test_run_places_third_party_weights_for_each_benchmark(fakes, tmp_path):
     """What `eval_transfer.py run` does per benchmark: convert for the benchmark's detector,
     keep what it uses, and check that every written tensor loads with the ResNet complete."""

@@ -30,6 +30,7 @@ def test_projection_mlp_layout_and_norm():
     assert cos[""] > 0.99 and cos["BN"] < 0.5, cos
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config",
     [

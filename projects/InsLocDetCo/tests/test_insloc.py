@@ -98,6 +98,7 @@ def test_c4_tensors_land_in_faster_rcnn_c4():
     assert not any(k.startswith("backbone.res5") for k in renamed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fpn", "c4"])
 def test_training_step(kind):
     model = tiny_model(kind).train()
@@ -118,6 +119,7 @@ def test_training_step(kind):
     assert all(p.grad is None for p in model.encoder_k.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fpn", "c4"])
 def test_roi_features_follow_the_box(kind):
     model = tiny_model(kind).eval()
@@ -174,6 +176,7 @@ def sort_rows(x):
     return x[torch.argsort(x @ torch.tensor([1e9, 1e6, 1e3, 1.0]))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,box_aug", [("fpn", True), ("c4", True), ("fpn", False)])
 def test_query_and_key_boxes(kind, box_aug):
     model = tiny_model(kind, "MODEL.INSLOC.BOX_AUG", str(box_aug)).train()
@@ -196,6 +199,7 @@ def test_query_and_key_boxes(kind, box_aug):
             assert torch.equal(q[:, i], box_q), f"{f}: the query box is not the true box"
 
 
+@pytest.mark.slow
 def test_per_level_queues_are_independent():
     model = tiny_model("fpn").train()
     before = {f: q.keys.clone() for f, q in model.queues.items()}
@@ -223,6 +227,7 @@ def test_per_level_queues_are_independent():
     assert not torch.allclose(keys["p2"], keys["p5"])  # levels really differ
 
 
+@pytest.mark.slow
 def test_level_loss_weights():
     model = tiny_model("fpn", "MODEL.INSLOC.LEVEL_LOSS_WEIGHTS", "[1.0, 0.0, 2.0, 1.0]").train()
     reference = tiny_model("fpn").train()  # same seed: same weights

@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import pytest
 import torch
 from insloc_testing import run_train_net
 
@@ -36,6 +37,7 @@ def check_levels(metrics, state, levels):
     assert not any(k.startswith("box_aug.") for k in state), "anchors are not checkpointed"
 
 
+@pytest.mark.slow
 def test_fpn_two_processes(tmp_path):
     metrics, state = train(str(tmp_path), "instant_test/pretrain_insloc_fpn.yaml", "--num-gpus", 2)
     levels = ["p2", "p3", "p4", "p5"]
@@ -44,6 +46,7 @@ def test_fpn_two_processes(tmp_path):
     assert not torch.allclose(newest["p2"], newest["p5"])
 
 
+@pytest.mark.slow
 def test_c4_one_process_batch_backgrounds(tmp_path):
     metrics, state = train(
         str(tmp_path), "instant_test/pretrain_insloc_c4.yaml", "--num-gpus", 1,

@@ -145,6 +145,7 @@ def test_device_placement_sends_uncut_crops():
     assert out["cells_k"].shape == (9,) and out["offsets_k"].shape == (9, 2)
 
 
+@pytest.mark.slow
 def test_loader_batches_carry_patch_sets():
     cfg = load_config("instant_test/pretrain_detco.yaml", "DATALOADER.NUM_WORKERS", 0)
     batch = next(iter(build_pretrain_train_loader(cfg)))

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 from detectron2.utils import comm
 from insloc_testing import run_distributed
 
@@ -21,6 +22,7 @@ def _inner_launch_then_talk(out_dir):
         f.write(",".join(map(str, ranks)))
 
 
+@pytest.mark.slow
 def test_one_process_launch_leaves_the_callers_process_group(tmp_path):
     run_distributed(_inner_launch_then_talk, 2, args=(str(tmp_path),))
     for r in (0, 1):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
@@ -14,6 +15,7 @@ def _batch(cfg, n):
     return batch
 
 
+@pytest.mark.slow
 def test_moco_v2_step(cfg_loader):
     torch.manual_seed(0)
     cfg = cfg_loader("instant_test/pretrain_moco_v2.yaml", "MODEL.CONTRAST.QUEUE_SIZE", 16)
@@ -68,6 +70,7 @@ def test_moco_v2_eval_returns_embeddings_and_keeps_state(cfg_loader):
     assert torch.equal(model.queue.keys, queue_before) and int(model.queue.ptr) == 0
 
 
+@pytest.mark.slow
 def test_accuracy_is_recorded_every_metrics_period(cfg_loader):
     """Reading an accuracy back from the GPU stalls the step: only on logging iterations."""
     cfg = cfg_loader("instant_test/pretrain_moco_v2.yaml", "SOLVER.LOG_PERIOD", 3)

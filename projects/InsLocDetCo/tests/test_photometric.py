@@ -208,5 +208,6 @@ def _draws_per_rank(seed):
     assert not torch.equal(gathered[0], gathered[1]), "two ranks share a random stream"
 
 
+@pytest.mark.slow
 def test_ranks_draw_different_parameters():
     run_distributed(_draws_per_rank, 2, args=(3,))

@@ -63,6 +63,7 @@ def test_documented_script_config_and_benchmark_exist(cwd, argv):
 SCRIPTS = sorted({os.path.join(cwd, argv[1]) for cwd, argv in COMMANDS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=[os.path.relpath(s, REPO) for s in SCRIPTS])
 def test_documented_script_starts(script):
     """`python SCRIPT --help` with the environment's python: imports resolve, arguments parse."""

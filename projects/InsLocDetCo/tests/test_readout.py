@@ -83,6 +83,7 @@ def _two_processes(bank, labels, queries, expected_scores, expected_gathered):
         torch.testing.assert_close(out[k], v)
 
 
+@pytest.mark.slow
 def test_sharded_knn_and_gathered_features_match_one_process():
     g = torch.Generator().manual_seed(0)
     bank, queries = torch.randn(50, 16, generator=g), torch.randn(9, 16, generator=g)
@@ -97,6 +98,7 @@ def test_sharded_knn_and_gathered_features_match_one_process():
 # ------------------------------------------------------------------------------------------
 # Linear classification
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize", ["none", "standardize"])
 def test_linear_probe_good_near_100_random_near_chance(normalize):
     c = 5
@@ -138,6 +140,7 @@ def test_grid_boxes_tile_the_image_row_major():
     assert area.item() == pytest.approx(96 * 90)
 
 
+@pytest.mark.slow
 def test_localization_probe_good_near_100_random_near_chance():
     m = 9
     ytr, yva = cell_labels(60, m), cell_labels(30, m)
@@ -248,6 +251,7 @@ def test_view_retrieval_invariant_features_100_random_near_chance():
         view_retrieval_top1({"res4": a["res4"]}, {"res4": b["res4"][:10]})
 
 
+@pytest.mark.slow
 def test_view_transform_is_the_pretraining_augmentation_and_seeded(tmp_path):
     from PIL import Image
 

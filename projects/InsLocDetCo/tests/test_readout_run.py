@@ -130,6 +130,7 @@ def test_demo_cls_shapes_are_drawn_as_their_class():
 # ------------------------------------------------------------------------------------------
 # Weights into the readout network
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_readout_network_loads_our_checkpoints_and_pkls(moco, insloc_fpn, tmp_path):
     ckpt, model = moco
     q = model.encoder_q.backbone
@@ -202,6 +203,7 @@ def _results(out):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_eval_readout_every_protocol(tiny_cls, moco, tmp_path, capsys):
     ckpt = moco[0]
     main = _script("eval_readout").main
@@ -250,6 +252,7 @@ def test_eval_readout_every_protocol(tiny_cls, moco, tmp_path, capsys):
     assert os.path.isfile(os.path.join(os.path.dirname(ckpt), "readout", "results.md"))
 
 
+@pytest.mark.slow
 def test_linear_protocol_with_augmentation_resumes(tiny_cls, moco, tmp_path):
     main = _script("eval_readout").main
     out = str(tmp_path / "lin")
@@ -263,6 +266,7 @@ def test_linear_protocol_with_augmentation_resumes(tiny_cls, moco, tmp_path):
     assert next(iter(_results(out).values()))["metrics"] == first
 
 
+@pytest.mark.slow
 def test_eval_readout_two_processes_match_one(tiny_cls, moco, tmp_path):
     main = _script("eval_readout").main
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
@@ -300,6 +304,7 @@ def test_eval_readout_clear_errors(tiny_cls, moco, tmp_path, capsys, monkeypatch
 # ------------------------------------------------------------------------------------------
 # Attention maps
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_attention_maps_and_script(tiny_cls, moco, tmp_path):
     enc, _ = build_readout_encoder(moco[0], "c4")
     image = torch.randint(0, 255, (3, 64, 80), dtype=torch.uint8)
@@ -319,6 +324,7 @@ def test_attention_maps_and_script(tiny_cls, moco, tmp_path):
     assert main(["random", "--output-dir", out]) == 2  # no images given
 
 
+@pytest.mark.slow
 def test_precise_bn_reestimates_statistics_on_readout_images(tiny_cls):
     from insloc_detco.readout.features import eval_transform, image_batches
 

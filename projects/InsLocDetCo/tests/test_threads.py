@@ -68,5 +68,6 @@ def _threads_per_rank(cores):
     assert got == [cores // 2, cores // 2], got
 
 
+@pytest.mark.slow
 def test_two_launched_processes_split_the_cores():
     run_distributed(_threads_per_rank, 2, args=(8,))

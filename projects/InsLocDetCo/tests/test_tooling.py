@@ -9,6 +9,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_clean_removes_what_commands_create_and_keeps_user_data(tmp_path):
     shutil.copy(os.path.join(REPO, "Makefile"), tmp_path)
@@ -55,6 +56,7 @@ def _pip_install(tmp_path, fail):
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_setup_shows_pip_progress_without_flooding(tmp_path):
     proc = _pip_install(tmp_path, fail=False)
     assert proc.returncode == 0, proc.stderr
@@ -67,6 +69,7 @@ def test_setup_shows_pip_progress_without_flooding(tmp_path):
     assert "Requirement already satisfied" in (tmp_path / "pip.log").read_text()
 
 
+@pytest.mark.slow
 def test_setup_shows_the_end_of_pip_log_when_pip_fails(tmp_path):
     proc = _pip_install(tmp_path, fail=True)
     assert proc.returncode == 1

@@ -28,6 +28,7 @@ def single_run(tmp_path_factory):
     return out, log
 
 
+@pytest.mark.slow
 def test_single_process_run_writes_checkpoints_logs_and_curves(single_run):
     out, log = single_run
     for f in ("model_final.pth", "model_0000002.pth", "metrics.json", "curves.png",
@@ -61,6 +62,7 @@ def test_log_is_readable(single_run):
     assert "Warning" not in console  # the known third-party warnings are filtered
 
 
+@pytest.mark.slow
 def test_resume_continues_schedule_queue_and_momentum_encoder(single_run, tmp_path):
     full_out, _ = single_run
     out = str(tmp_path)
@@ -89,6 +91,7 @@ def test_resume_continues_schedule_queue_and_momentum_encoder(single_run, tmp_pa
             assert resumed[it]["lr"] == pytest.approx(full[it]["lr"])
 
 
+@pytest.mark.slow
 def test_two_processes_gloo(tmp_path):
     out = str(tmp_path)
     log = _train(out, "--num-gpus", "2", "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 100)
@@ -99,6 +102,7 @@ def test_two_processes_gloo(tmp_path):
     assert int(ckpt["model"]["queue.ptr"]) == (4 * 8) % 64
 
 
+@pytest.mark.slow
 def test_an_error_on_two_processes_ends_with_the_real_error(tmp_path):
     """A NaN loss (detected on rank 0) while rank 1 goes on to the next step's collectives:
     the run must end promptly with the FloatingPointError, not a collective mismatch."""

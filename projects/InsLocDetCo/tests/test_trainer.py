@@ -1,6 +1,7 @@
 """The training engine on several processes: queues, start-up summaries, hooks after a failure."""
 import os
 
+import pytest
 import torch
 from conftest import load_config
 from detectron2.engine import HookBase, hooks
@@ -53,6 +54,7 @@ def _queues_identical_worker(out):
     assert same_on_all_ranks(torch.tensor([trainer.start_iter]))
 
 
+@pytest.mark.slow
 def test_queues_start_identical_and_resume_agrees_on_every_rank(tmp_path):
     run_distributed(_queues_identical_worker, 2, args=(str(tmp_path),))
 

@@ -4,7 +4,9 @@ A view is made in two parts (MoCo v2, Chen et al. 2020; InsLoc and DetCo reuse i
 
 * **geometric**, per image, in the loader workers: decode, RandomResizedCrop (MoCo v2, DetCo's
   global views), the copy-paste composite (InsLoc), the 255 px jigsaw crop (DetCo). Built here
-  by :func:`build_view_crop`; the mappers call it.
+  by :func:`build_view_crop`; the mappers call it. A crop is drawn from the image's size
+  (:func:`draw_crop_box`) and applied (:func:`apply_crop_box`) in the loader, or on the
+  training device after decoding there (``INPUT.PRETRAIN.DECODE_ON``, :mod:`.device_decode`).
 * **photometric**, per batch: colour jitter (p 0.8, the four factors in a random order per
   sample, as torchvision), random grayscale (p 0.2), Gaussian blur (sigma in [0.1, 2], p 0.5,
   kernel = the odd size nearest to 10% of the view), horizontal flip (boxes flipped too), and
@@ -22,6 +24,7 @@ import torch
 from detectron2.config import configurable
 from torch import nn
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from . import photometric as P
 from .randaugment import BatchRandAugment
@@ -31,6 +34,9 @@ __all__ = [
     "blur_kernel_size",
     "photometric_on_device",
     "build_view_crop",
+    "size_stand_in",
+    "draw_crop_box",
+    "apply_crop_box",
     "PhotometricAugmentation",
 ]
 
@@ -59,6 +65,26 @@ def build_view_crop(cfg, size: Optional[int] = None) -> v2.RandomResizedCrop:
     return v2.RandomResizedCrop(
         size or p.CROP_SIZE, scale=tuple(p.CROP_SCALE), ratio=tuple(p.CROP_RATIO), antialias=True
     )
+
+
+def size_stand_in(height: int, width: int) -> torch.Tensor:
+    """A pixel-less (0, H, W) tensor: all that torchvision's crop parameter draws read of an
+    image is its size, so crops are drawn from a JPEG header before (or without) decoding."""
+    return torch.empty((0, height, width), dtype=torch.uint8)
+
+
+def draw_crop_box(crop: v2.RandomResizedCrop, height: int, width: int) -> Tuple[int, ...]:
+    """``crop``'s random (top, left, height, width) for an image of ``height x width``: its
+    own parameter draw, as its ``forward`` makes it."""
+    p = crop.make_params([size_stand_in(height, width)])
+    return p["top"], p["left"], p["height"], p["width"]
+
+
+def apply_crop_box(image: torch.Tensor, box: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """Cut ``box`` (top, left, height, width) out of (..., H, W) ``image`` and resize it to
+    ``size`` (bilinear, antialiased), on the image's device: ``crop(image)`` is
+    ``apply_crop_box(image, draw_crop_box(crop, H, W), crop.size)``."""
+    return TF.resized_crop(image, *box, size=list(size), antialias=True)
 
 
 def _indices(mask: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:

@@ -1,6 +1,7 @@
 """The pretraining data loader: detectron2's train loader over unlabeled records."""
 import itertools
 import logging
+from typing import Optional
 
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.data.common import DatasetFromList
@@ -8,6 +9,7 @@ from detectron2.utils import comm
 
 from .batch import BatchCollator
 from .datasets import ensure_registered
+from .device_decode import decode_views
 from .mapper import build_pretrain_mapper
 
 __all__ = ["get_pretrain_dataset_dicts", "build_pretrain_train_loader", "SkipCountingLoader"]
@@ -30,17 +32,23 @@ def get_pretrain_dataset_dicts(names):
 class SkipCountingLoader:
     """
     Iterates a loader of record lists, removing each record's ``num_skipped`` and keeping the
-    running total of images that were skipped as unreadable on this rank.
+    running total of images that were skipped as unreadable on this rank. With
+    ``decode_device``, it also decodes and cuts the JPEGs that the loader left undecoded
+    (``INPUT.PRETRAIN.DECODE_ON``) on that device, in the training process; files that fail
+    to decode there are counted too.
     """
 
-    def __init__(self, loader):
+    def __init__(self, loader, decode_device: Optional[str] = None):
         self.loader = loader
+        self.decode_device = decode_device
         self.num_skipped = 0
 
     def __iter__(self):
         for batch in self.loader:
             for d in getattr(batch, "extras", batch):  # a PretrainBatch's per-sample entries
                 self.num_skipped += d.pop("num_skipped", 0)
+            if self.decode_device is not None:
+                self.num_skipped += decode_views(batch, self.decode_device)
             yield batch
 
 
@@ -49,16 +57,18 @@ def build_pretrain_train_loader(cfg):
     Returns:
         SkipCountingLoader: an infinite iterable of per-rank batches of mapper dicts
         (:class:`PretrainBatch`: same-shaped tensors stacked in the loader workers, pinned for
-        an asynchronous copy when training on CUDA). If the mapper has a ``collate`` method
-        (batch-level composition, e.g. InsLoc with in-batch backgrounds), it runs first, in the
-        loader workers.
+        an asynchronous copy when training on CUDA; with device decoding, the views of the
+        JPEGs the workers left undecoded already on ``MODEL.DEVICE``). If the mapper has a
+        ``collate`` method (batch-level composition, e.g. InsLoc with in-batch backgrounds), it
+        runs first, in the loader workers.
     """
     dataset_dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
     mapper = build_pretrain_mapper(cfg, dataset_dicts)
     logger.info(
         f"Pretraining on {len(dataset_dicts)} images from {', '.join(cfg.DATASETS.TRAIN)}; "
         f"{cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()} per rank with "
-        f"{type(mapper).__name__}."
+        f"{type(mapper).__name__}; JPEGs decoded on "
+        f"{cfg.MODEL.DEVICE if mapper.device_decoding else 'the loader workers'}."
     )
     kwargs = {"collate_fn": BatchCollator(getattr(mapper, "collate", None))}
     if cfg.MODEL.DEVICE.startswith("cuda") and cfg.DATALOADER.NUM_WORKERS > 0:
@@ -71,4 +81,4 @@ def build_pretrain_train_loader(cfg):
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         **kwargs,
     )
-    return SkipCountingLoader(loader)
+    return SkipCountingLoader(loader, cfg.MODEL.DEVICE if mapper.device_decoding else None)

@@ -5,20 +5,28 @@ least 60% of the image, resize it to 255x255, apply the global views' flip, colo
 blur, cut it into a 3x3 grid of 85x85 cells, take a random 64x64 crop inside every cell (so
 that neighbouring patches do not share a border) and shuffle the 9 patches.
 
-The geometric part (:meth:`JigsawSampler.crop`: the 255 px crop, the patch offsets and the
-shuffle) runs in the loader; the photometric part runs on the whole crop, in the loader or on
-the training device (``INPUT.PRETRAIN.AUGMENT_ON``), before :func:`cut_patches`, so the nine
-patches of a set always share one draw of the photometric parameters.
+The geometric part (:meth:`JigsawSampler.draw`: the 255 px crop's box, the patch offsets and
+the shuffle) is drawn in the loader and the crop is cut there (:meth:`JigsawSampler.crop`) or,
+for a JPEG decoded on the training device, there (``INPUT.PRETRAIN.DECODE_ON``); the
+photometric part runs on the whole crop, in the loader or on the training device
+(``INPUT.PRETRAIN.AUGMENT_ON``), before :func:`cut_patches`, so the nine patches of a set
+always share one draw of the photometric parameters.
 """
 from typing import Dict, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
 from torchvision.transforms import RandomResizedCrop
-from torchvision.transforms.v2 import functional as TF
 
-from .augmentation import PhotometricAugmentation, photometric_on_device
+from .augmentation import (
+    PhotometricAugmentation,
+    apply_crop_box,
+    photometric_on_device,
+    size_stand_in,
+)
+from .device_decode import DeviceCrop
 from .mapper import PRETRAIN_MAPPER_REGISTRY, MoCoV2Mapper
+from .reading import EncodedJpeg
 
 __all__ = ["JigsawSampler", "JigsawMapper", "cut_patches"]
 
@@ -104,26 +112,41 @@ class JigsawSampler:
     def num_patches(self) -> int:
         return self.grid * self.grid
 
+    def draw(self, height: int, width: int) -> Dict:
+        """
+        The geometric part, drawn per image from its size.
+
+        Returns:
+            dict with
+              "crop_box": (top, left, height, width) of the crop in the image;
+              "cells": (G*G,) raster index (row * G + col) of the cell each patch comes from,
+              a random order (the shuffle);
+              "offsets": (G*G, 2) (y, x) of each patch inside its cell.
+        """
+        box = RandomResizedCrop.get_params(
+            size_stand_in(height, width), self.crop_scale, self.crop_ratio
+        )
+        g = self.grid
+        offsets = torch.randint(0, self.cell_size - self.patch_size + 1, (g * g, 2))
+        return {"crop_box": box, "cells": torch.randperm(g * g), "offsets": offsets}
+
+    @property
+    def crop_size(self) -> Tuple[int, int]:
+        """(S, S), S = G * cell_size: the side the crop is resized to."""
+        return (self.grid * self.cell_size,) * 2
+
     def crop(self, image: torch.Tensor) -> Dict:
         """
-        The geometric part, drawn per image.
+        :meth:`draw`, then the crop.
 
         Args:
             image: (3, H, W) uint8.
         Returns:
-            dict with
-              "crop": (3, S, S) uint8, S = G * cell_size, not yet photometrically augmented;
-              "cells": (G*G,) raster index (row * G + col) of the cell each patch comes from,
-              a random order (the shuffle);
-              "offsets": (G*G, 2) (y, x) of each patch inside its cell;
-              "crop_box": (top, left, height, width) of the crop in ``image``.
+            :meth:`draw`'s dict and "crop": (3, S, S) uint8, not yet photometrically augmented.
         """
-        side = self.grid * self.cell_size
-        box = RandomResizedCrop.get_params(image, self.crop_scale, self.crop_ratio)
-        crop = TF.resized_crop(image, *box, size=[side, side], antialias=True)
-        g = self.grid
-        offsets = torch.randint(0, self.cell_size - self.patch_size + 1, (g * g, 2))
-        return {"crop": crop, "cells": torch.randperm(g * g), "offsets": offsets, "crop_box": box}
+        out = self.draw(*image.shape[-2:])
+        out["crop"] = apply_crop_box(image, out["crop_box"], self.crop_size)
+        return out
 
     def cut(self, crops: torch.Tensor, cells: torch.Tensor, offsets: torch.Tensor):
         """Batched :func:`cut_patches` with this sampler's grid: (N, G*G, 3, P, P)."""
@@ -155,7 +178,9 @@ class JigsawMapper(MoCoV2Mapper):
     uint8 RGB. RandAugment (``INPUT.PRETRAIN.RANDAUGMENT_OPS``) affects the global views only,
     as in the paper's "AA" variant. With the photometric augmentation on the training device,
     the patch sets are sent uncut: ``jigsaw_q/k`` (3, G*cell, G*cell) crops with their
-    ``cells_q/k`` (G*G,) and ``offsets_q/k`` (G*G, 2), and the model cuts them (``DetCo``).
+    ``cells_q/k`` (G*G,) and ``offsets_q/k`` (G*G, 2), and the model cuts them (``DetCo``);
+    for a JPEG decoded on the training device (``INPUT.PRETRAIN.DECODE_ON``) the crops are
+    cut there too.
     """
 
     @configurable
@@ -180,8 +205,12 @@ class JigsawMapper(MoCoV2Mapper):
             if self.jigsaw.photometric is not None:
                 views[f"patches_{side}"] = self.jigsaw(image)
             else:  # cut on the training device after the photometric augmentation
-                local = self.jigsaw.crop(image)
-                views[f"jigsaw_{side}"] = local["crop"]
+                local = self.jigsaw.draw(*image.shape[-2:])
+                if isinstance(image, EncodedJpeg):
+                    crop = DeviceCrop(local["crop_box"], self.jigsaw.crop_size)
+                else:
+                    crop = apply_crop_box(image, local["crop_box"], self.jigsaw.crop_size)
+                views[f"jigsaw_{side}"] = crop
                 views[f"cells_{side}"] = local["cells"]
                 views[f"offsets_{side}"] = local["offsets"]
         return views

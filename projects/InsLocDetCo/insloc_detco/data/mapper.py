@@ -1,10 +1,15 @@
 """Dataset mappers that turn one unlabeled image record into the views a method trains on.
 
 A mapper decodes the image robustly (see :mod:`.reading`), then ``make_views`` builds the
-method's inputs as uint8 (3, H, W) RGB tensors; the model normalises them. An undecodable image
-is replaced by a random readable image of the data set, drawn by the mapper itself (so an epoch
-has no hole), and the number skipped is reported with the record (``"num_skipped"``) so the
-trainer can log a total across loader workers and ranks.
+method's inputs as uint8 (3, H, W) RGB tensors; the model normalises them. With
+``INPUT.PRETRAIN.DECODE_ON: device`` (mappers with ``SUPPORTS_DEVICE_DECODING``) a JPEG the
+device can decode is not decoded here: ``make_views`` gets an :class:`~.reading.EncodedJpeg`
+(bytes and size), returns :class:`~.device_decode.DeviceCrop` boxes instead of its views, and
+the training process cuts them (see :mod:`.device_decode`).
+
+An undecodable image is replaced by a random readable image of the data set, drawn by the
+mapper itself (so an epoch has no hole), and the number skipped is reported with the record
+(``"num_skipped"``) so the trainer can log a total across loader workers and ranks.
 
 When is the data, not a few files, broken? Each loader worker remembers the files it found
 unreadable and never draws them again. It aborts with :class:`UnreadableDatasetError` when
@@ -20,15 +25,28 @@ corpus only by chance: with a readable fraction f, each worker's first K draws a
 probability about (1 - f)^K, below 2e-9 for f = 2 % at the default K = 1000.
 """
 import logging
-from typing import Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
 from detectron2.data.common import DatasetFromList
 from detectron2.utils.registry import Registry
 
-from .augmentation import PhotometricAugmentation, build_view_crop, photometric_on_device
-from .reading import ImageTooLargeError, UnreadableImageError, read_rgb_image
+from .augmentation import (
+    PhotometricAugmentation,
+    apply_crop_box,
+    build_view_crop,
+    draw_crop_box,
+    photometric_on_device,
+)
+from .device_decode import CROPS, ENCODED, DeviceCrop, decode_on_device
+from .reading import (
+    EncodedJpeg,
+    ImageTooLargeError,
+    UnreadableImageError,
+    read_image_for_device,
+    read_rgb_image,
+)
 
 __all__ = [
     "PRETRAIN_MAPPER_REGISTRY",
@@ -61,6 +79,8 @@ class PretrainDatasetMapper:
     # fewer readable files than exclusions, a repeat is the only choice.
     _EXCLUDE_TRIES = 32
     _NUM_EXAMPLES = 5  # unreadable files quoted in the abort message
+    # Whether make_views can return DeviceCrop boxes for an EncodedJpeg (DECODE_ON: device).
+    SUPPORTS_DEVICE_DECODING = False
 
     @configurable
     def __init__(
@@ -71,6 +91,7 @@ class PretrainDatasetMapper:
         max_image_pixels: int = 0,
         max_consecutive_failures: int = 1000,
         file_names: Optional[Sequence[str]] = None,
+        device_decoding: bool = False,
     ):
         """
         Args:
@@ -83,7 +104,11 @@ class PretrainDatasetMapper:
             file_names: the data set's files, to draw replacements (and InsLoc's backgrounds)
                 from. Without them an unreadable record makes the mapper return None, and
                 detectron2's ``MapDataset`` retries another index.
+            device_decoding: leave the JPEGs that the training device can decode undecoded
+                (see the module docstring); only for mappers with ``SUPPORTS_DEVICE_DECODING``.
         """
+        assert not device_decoding or self.SUPPORTS_DEVICE_DECODING, type(self).__name__
+        self.device_decoding = device_decoding
         self.min_image_size = min_image_size
         self.max_decode_size = max_decode_size
         self.max_image_pixels = max_image_pixels
@@ -104,6 +129,7 @@ class PretrainDatasetMapper:
             "max_decode_size": p.MAX_DECODE_SIZE,
             "max_image_pixels": p.MAX_IMAGE_PIXELS,
             "max_consecutive_failures": p.MAX_CONSECUTIVE_FAILURES,
+            "device_decoding": decode_on_device(cfg, cls.SUPPORTS_DEVICE_DECODING),
         }
         if dataset_dicts:
             # Serialised like detectron2's own record list, so that loader workers do not copy
@@ -112,10 +138,13 @@ class PretrainDatasetMapper:
             ret["file_names"] = DatasetFromList(files, copy=False, serialize=True)
         return ret
 
-    def read(self, file_name: str) -> Optional[torch.Tensor]:
-        """Decode ``file_name`` to (3, H, W) uint8 RGB, or count it as skipped and return None."""
+    def read(self, file_name: str) -> Union[torch.Tensor, EncodedJpeg, None]:
+        """Decode ``file_name`` to (3, H, W) uint8 RGB (or, with device decoding, return its
+        :class:`EncodedJpeg` if it is one the device decodes), or count it as skipped and
+        return None."""
+        read = read_image_for_device if self.device_decoding else read_rgb_image
         try:
-            image = read_rgb_image(
+            image = read(
                 file_name, self.min_image_size, self.max_decode_size, self.max_image_pixels
             )
         except UnreadableImageError as e:
@@ -137,13 +166,16 @@ class PretrainDatasetMapper:
         self._num_read += 1
         return image
 
-    def read_random(self, exclude: Collection[str] = ()) -> Tuple[int, str, torch.Tensor]:
+    def read_random(
+        self, exclude: Collection[str] = ()
+    ) -> Tuple[int, str, Union[torch.Tensor, EncodedJpeg]]:
         """
         Draw a random readable image of the data set, not one of ``exclude`` unless too few
         readable files remain. Files found unreadable are remembered and never drawn again.
 
         Returns:
-            its index in ``file_names``, its file name and the (3, H, W) uint8 image.
+            its index in ``file_names``, its file name and the (3, H, W) uint8 image (or
+            :class:`EncodedJpeg`, as :meth:`read` returns).
         Raises:
             UnreadableDatasetError: every file of the data set is unreadable.
         """
@@ -178,16 +210,22 @@ class PretrainDatasetMapper:
             index, name, image = self.read_random()
             dataset_dict = {"file_name": name, "image_id": index}
         out = self.make_views(image, dataset_dict)
+        if isinstance(image, EncodedJpeg):  # the training device decodes it and cuts the views
+            crops = {k: v for k, v in out.items() if isinstance(v, DeviceCrop)}
+            out = {k: v for k, v in out.items() if k not in crops}
+            out[ENCODED] = image.data
+            out[CROPS] = {k: v.as_tensor() for k, v in crops.items()}
         out["image_id"] = dataset_dict.get("image_id")
         out["num_skipped"], self._pending_skips = self._pending_skips, 0
         return out
 
-    def make_views(self, image: torch.Tensor, dataset_dict: Dict) -> Dict:
+    def make_views(self, image: Union[torch.Tensor, EncodedJpeg], dataset_dict: Dict) -> Dict:
         """
         Args:
-            image: (3, H, W) uint8 RGB.
+            image: (3, H, W) uint8 RGB, or an :class:`EncodedJpeg` (device decoding only).
         Returns:
-            dict of the method's inputs.
+            dict of the method's inputs; for an :class:`EncodedJpeg`, the views the device cuts
+            are :class:`DeviceCrop` s.
         """
         raise NotImplementedError
 
@@ -196,9 +234,12 @@ class PretrainDatasetMapper:
 class MoCoV2Mapper(PretrainDatasetMapper):
     """
     Two independently augmented views, ``view_q`` and ``view_k``: (3, S, S) uint8 each. The
-    crop always happens here; the photometric part too unless it runs on the training device
-    (``INPUT.PRETRAIN.AUGMENT_ON``, see :mod:`.augmentation`).
+    crop is drawn here and applied here, or on the training device for a JPEG decoded there
+    (``INPUT.PRETRAIN.DECODE_ON``); the photometric part runs here unless it runs on the
+    training device (``INPUT.PRETRAIN.AUGMENT_ON``, see :mod:`.augmentation`).
     """
+
+    SUPPORTS_DEVICE_DECODING = True
 
     @configurable
     def __init__(self, *, crop, photometric: Optional[PhotometricAugmentation], **kwargs):
@@ -221,8 +262,11 @@ class MoCoV2Mapper(PretrainDatasetMapper):
         )
         return ret
 
-    def view(self, image: torch.Tensor) -> torch.Tensor:
-        view = self.crop(image)
+    def view(self, image: Union[torch.Tensor, EncodedJpeg]) -> Union[torch.Tensor, DeviceCrop]:
+        box = draw_crop_box(self.crop, *image.shape[-2:])
+        if isinstance(image, EncodedJpeg):
+            return DeviceCrop(box, tuple(self.crop.size))
+        view = apply_crop_box(image, box, self.crop.size)
         if self.photometric is not None:
             view, _ = self.photometric.augment_one(view)
         return view
