@@ -26,6 +26,7 @@ setup(
     extras_require={
         "demo": ["scikit-image"],
         "readout": ["scikit-learn"],
+        "cityscapes": ["cityscapesscripts", "shapely"],  # detectron2's Cityscapes loader, evaluator
         "dev": ["pytest", "ruff"],
     },
 )

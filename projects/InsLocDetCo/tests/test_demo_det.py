@@ -28,7 +28,7 @@ def demo_root(tmp_path_factory):
     demo_det.register_demo_det(root, prefix="t_demo_det")
     yield root
     for split in demo_det.DEMO_DET_SPLITS:
-        for fmt in ("voc", "coco"):
+        for fmt in demo_det.DEMO_DET_FORMATS:
             DatasetCatalog.remove(f"t_demo_det_{fmt}_{split}")
             MetadataCatalog.remove(f"t_demo_det_{fmt}_{split}")
 
@@ -137,6 +137,86 @@ def test_evaluators_score_the_ground_truth_perfectly(demo_root, tmp_path):
     assert res["segm"]["AP"] > 95.0  # polygons rasterised by pycocotools vs our masks
 
 
+def _keypoints(annotation) -> np.ndarray:
+    return np.asarray(annotation["keypoints"], dtype=np.float64).reshape(-1, 3)
+
+
+def test_keypoints_are_the_corners_of_the_shapes(demo_root):
+    """Squares have four visible keypoints, triangles three, circles none; each lies on its
+    object's pixels and is named by where the corner is."""
+    names = list(MetadataCatalog.get("t_demo_det_keypoints_train").keypoint_names)
+    assert names == list(demo_det.DEMO_DET_KEYPOINT_NAMES)
+    seen = set()
+    for r in DatasetCatalog.get("t_demo_det_keypoints_train"):
+        inst = np.asarray(Image.open(r["file_name"].replace("JPEGImages", "SegmentationObject")
+                                     .replace(".jpg", ".png")))  # fmt: skip
+        for k, a in enumerate(r["annotations"]):
+            cls = demo_det.DEMO_DET_CLASSES[a["category_id"]]
+            kp = _keypoints(a)
+            seen.add(cls)
+            assert (kp[:, 2] > 0).sum() == {"circle": 0, "square": 4, "triangle": 3}[cls]
+            at = {n: kp[i, :2] for i, n in enumerate(names) if kp[i, 2] > 0}
+            for x, y in at.values():  # detectron2 loads the corner's pixel centre
+                px, py = max(int(x), 1), max(int(y), 1)
+                assert (inst[py - 1 : py + 2, px - 1 : px + 2] == k + 1).any(), (r["file_name"], k)
+            x0, y0, w, h = a["bbox"]
+            if cls == "square":
+                np.testing.assert_allclose(at["top_left"], (x0 + 0.5, y0 + 0.5), atol=1)
+                np.testing.assert_allclose(at["bottom_right"], (x0 + w - 0.5, y0 + h - 0.5),
+                                           atol=1)  # fmt: skip
+                assert at["top_right"][0] > at["top_left"][0] and at["bottom_left"][1] > y0 + 1
+            if cls == "triangle":
+                assert at["bottom_left"][0] < at["top"][0] < at["bottom_right"][0]
+                assert at["top"][1] < at["bottom_left"][1] - 10
+    assert seen == set(demo_det.DEMO_DET_CLASSES)
+
+
+def test_flipped_keypoints_keep_their_names(demo_root):
+    """The flip map makes a mirrored square's top-left keypoint its new top-left corner."""
+    from detectron2.data import detection_utils as utils
+    from detectron2.data import transforms as T
+
+    flip = utils.create_keypoint_hflip_indices(["t_demo_det_keypoints_train"])
+    names = list(demo_det.DEMO_DET_KEYPOINT_NAMES)
+    for r in DatasetCatalog.get("t_demo_det_keypoints_train"):
+        squares = [a for a in r["annotations"] if a["category_id"] == 1]
+        if squares:
+            break
+    w = r["width"]
+    before = _keypoints(squares[0])
+    tfm = T.TransformList([T.HFlipTransform(w)])
+    after = utils.transform_instance_annotations(
+        dict(squares[0]), tfm, (r["height"], w), keypoint_hflip_indices=flip
+    )["keypoints"]
+    i = {n: names.index(n) for n in names}
+    assert after[i["top_left"], 0] < after[i["top_right"], 0]
+    assert after[i["bottom_left"], 0] < after[i["bottom_right"], 0]
+    np.testing.assert_allclose(after[i["top_left"], 0], w - before[i["top_right"], 0])
+
+
+def test_keypoint_ap_of_the_ground_truth(demo_root, tmp_path):
+    """COCO's keypoint evaluation with the demo's OKS sigmas: the ground truth scores 100, the
+    same keypoints 3 px off score much less."""
+    records = DatasetCatalog.get("t_demo_det_keypoints_val")
+
+    def keypoint_ap(shift: float) -> float:
+        ev = COCOEvaluator("t_demo_det_keypoints_val", tasks=("keypoints",),
+                           output_dir=str(tmp_path / str(shift)),
+                           kpt_oks_sigmas=demo_det.DEMO_DET_KEYPOINT_OKS_SIGMAS)  # fmt: skip
+        ev.reset()
+        for r in records:
+            out = _as_predictions(r, with_masks=False)
+            kp = torch.tensor(np.stack([_keypoints(a) for a in r["annotations"]]))
+            kp[:, :, :2] += shift
+            kp[:, :, 2] = 1.0  # a prediction's third value is its score
+            out["instances"].pred_keypoints = kp.float()
+            ev.process([r], [out])
+        return ev.evaluate()["keypoints"]["AP"]
+
+    assert keypoint_ap(0.0) == pytest.approx(100.0)
+    assert keypoint_ap(3.0) < 60.0
+
+
 def test_unreadable_annotations_raise(tmp_path):
     root = str(tmp_path / "demo_det")
     demo_det.ensure_demo_det(root)
@@ -148,7 +228,7 @@ def test_unreadable_annotations_raise(tmp_path):
             DatasetCatalog.get("broken_demo_det_coco_val")
     finally:
         for split in demo_det.DEMO_DET_SPLITS:
-            for fmt in ("voc", "coco"):
+            for fmt in demo_det.DEMO_DET_FORMATS:
                 DatasetCatalog.remove(f"broken_demo_det_{fmt}_{split}")
                 MetadataCatalog.remove(f"broken_demo_det_{fmt}_{split}")
 

@@ -25,6 +25,8 @@ from torch import nn
 from insloc_detco.transfer import demo_det, load_transfer_config
 from insloc_detco.transfer.benchmarks import BENCHMARKS, PROTOCOLS
 from insloc_detco.transfer.converter import detector_resnet_keys, target_of_config
+from insloc_detco.transfer.evaluators import evaluation_problems
+from insloc_detco.transfer.results import COLUMNS
 from insloc_detco.transfer.runner import (
     RANDOM_INIT,
     TransferError,
@@ -89,9 +91,11 @@ def test_recipe_follows_protocol(name):
     if target == "retinanet":
         assert cfg.MODEL.RETINANET.NORM == ""
     if not name.startswith("instant_test/"):
-        # Inherited from detectron2's baselines, not restated: batch 16, 2 images per GPU x 8.
-        assert cfg.SOLVER.IMS_PER_BATCH == 16
-        assert cfg.SOLVER.BASE_LR == (0.01 if target == "retinanet" else 0.02)
+        # Inherited from detectron2's baselines, not restated: batch 16, 2 images per GPU x 8
+        # (Cityscapes: batch 8, lr 0.01).
+        cityscapes = cfg.DATASETS.TRAIN[0].startswith("cityscapes")
+        assert cfg.SOLVER.IMS_PER_BATCH == (8 if cityscapes else 16)
+        assert cfg.SOLVER.BASE_LR == (0.01 if target == "retinanet" or cityscapes else 0.02)
         assert cfg.SOLVER.STEPS[-1] < cfg.SOLVER.MAX_ITER
         if cfg.SOLVER.MAX_ITER == 12000:  # DetCo's 12k schedule, in every protocol
             assert cfg.SOLVER.STEPS == (9000, 11000)
@@ -130,6 +134,96 @@ def test_recipe_schedules():
         load_transfer_config(b.config)  # every benchmark points at a loadable config
 
 
+def test_detco_keypoint_cityscapes_and_semi_mask_rcnn_recipes():
+    """DetCo's keypoint_rcnn_R_50_FPN_2x_moco.yaml, Cityscapes/mask_rcnn_R_50_FPN_moco.yaml and
+    its 12k Mask R-CNN recipes on the COCO subsets (github.com/xieenze/DetCo)."""
+    kp = load_transfer_config(BENCHMARKS["detco_coco_keypoint_fpn_2x"].config)
+    assert kp.MODEL.KEYPOINT_ON and not kp.MODEL.MASK_ON and kp.MODEL.ROI_HEADS.NUM_CLASSES == 1
+    assert kp.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS == 17 and kp.TEST.KEYPOINT_OKS_SIGMAS == []
+    assert kp.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA == 0.5 and kp.MODEL.RPN.POST_NMS_TOPK_TRAIN == 1500
+    assert (kp.SOLVER.MAX_ITER, kp.SOLVER.STEPS) == (180000, (120000, 160000))
+    assert kp.DATASETS.TRAIN == ("keypoints_coco_2017_train",)
+    assert kp.DATASETS.TEST == ("keypoints_coco_2017_val",)
+    assert kp.INPUT.MIN_SIZE_TRAIN == (640, 672, 704, 736, 768, 800)
+    assert evaluation_problems(kp) == []  # COCO's 17 keypoints, named in detectron2's metadata
+    cs = load_transfer_config(BENCHMARKS["detco_cityscapes_fpn"].config)
+    assert cs.MODEL.MASK_ON and cs.MODEL.ROI_HEADS.NUM_CLASSES == 8
+    assert (cs.SOLVER.MAX_ITER, cs.SOLVER.STEPS, cs.SOLVER.IMS_PER_BATCH) == (24000, (18000,), 8)
+    assert cs.INPUT.MIN_SIZE_TRAIN == tuple(range(800, 1025, 32))
+    assert cs.INPUT.MIN_SIZE_TRAIN_SAMPLING == "choice" and cs.INPUT.MIN_SIZE_TEST == 1024
+    assert (cs.INPUT.MAX_SIZE_TRAIN, cs.INPUT.MAX_SIZE_TEST) == (2048, 2048)
+    assert cs.TEST.EVAL_PERIOD == 0 and cs.MODEL.WEIGHTS == ""  # not the COCO model of the zoo
+    assert cs.DATASETS.TEST == ("cityscapes_fine_instance_seg_val",)
+    assert MetadataCatalog.get(cs.DATASETS.TEST[0]).evaluator_type == "cityscapes_instance"
+    for det in ("FPN", "C4"):
+        full = load_transfer_config(f"detco/coco_mask_rcnn_R_50_{det}_12k.yaml")
+        for p in (1, 2, 5, 10):
+            bench = BENCHMARKS[f"semi_coco_{p}pct_mask_rcnn_{det.lower()}_12k"]
+            semi = load_transfer_config(bench.config)
+            assert semi.DATASETS.TRAIN == (f"coco_2017_train_{p}pct",)
+            assert bench.protocol == "DetCo" and bench.trials == 3
+            semi.DATASETS.TRAIN = full.DATASETS.TRAIN
+            assert semi.dump() == full.dump()  # only the training set differs
+    demo = load_transfer_config(BENCHMARKS["demo_detco_keypoint_fpn"].config)
+    assert demo.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS == len(demo_det.DEMO_DET_KEYPOINT_NAMES)
+    assert demo.TEST.KEYPOINT_OKS_SIGMAS == list(demo_det.DEMO_DET_KEYPOINT_OKS_SIGMAS)
+
+
+def test_what_evaluators_need_is_checked_before_training(tmp_path, monkeypatch):
+    """Keypoint names and OKS sigmas, cityscapesScripts, one machine for Cityscapes: clear errors
+    from the configs alone, before any data is read or any process starts."""
+    kp = BENCHMARKS["demo_detco_keypoint_fpn"].config
+    assert evaluation_problems(load_transfer_config(kp)) == []
+    wrong = load_transfer_config(kp, ["TEST.KEYPOINT_OKS_SIGMAS", "[0.1, 0.1]"])
+    assert evaluation_problems(wrong) == [
+        "TEST.KEYPOINT_OKS_SIGMAS has 2 values for 5 keypoints: give one OKS sigma per keypoint "
+        "(empty only for COCO's 17 person keypoints, whose sigmas pycocotools knows)."
+    ]
+    unnamed = load_transfer_config(kp, ["DATASETS.TRAIN", "('demo_det_coco_train',)"])
+    assert "data set 'demo_det_coco_train' names no keypoints" in evaluation_problems(unnamed)[0]
+    cs = load_transfer_config(BENCHMARKS["demo_detco_cityscapes_fpn"].config)
+    assert evaluation_problems(cs) == []
+    assert "run it on one machine" in " ".join(evaluation_problems(cs, num_machines=2))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == "cityscapesscripts" else real_find_spec(n, *a))
+    assert "cityscapesscripts, which are not installed: pip install cityscapesscripts" in (
+        evaluation_problems(cs)[0])  # fmt: skip
+    monkeypatch.undo()
+    # Through `run`: refused before anything is read or launched.
+    out = str(tmp_path / "out")
+    with pytest.raises(TransferError, match="TEST.KEYPOINT_OKS_SIGMAS has 2 values"):
+        run_benchmarks(RANDOM_INIT, [BENCHMARKS["demo_detco_keypoint_fpn"]], out,
+                       opts=["TEST.KEYPOINT_OKS_SIGMAS", "[0.1, 0.1]"])  # fmt: skip
+    assert not os.path.isdir(os.path.join(out, "demo_detco_keypoint_fpn"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, columns",
+    [
+        ("demo_detco_keypoint_fpn", {"AP", "AP50", "AP75", "APkp", "APkp50", "APkp75"}),
+        ("demo_detco_cityscapes_fpn", {"APmask", "APmask50"}),  # cityscapesScripts: masks only
+        ("demo_semi_mask_rcnn_fpn", {"AP", "AP50", "AP75", "APmask", "APmask50"}),
+    ],
+)
+def test_detco_tasks_run_and_report_their_metrics(name, columns, tmp_path):
+    """Keypoint R-CNN (COCO keypoint AP), Cityscapes Mask R-CNN (cityscapesScripts' AP) and
+    semi-supervised Mask R-CNN fine-tune from random init on generated data and report their
+    evaluator's numbers."""
+    out = str(tmp_path / "transfer")
+    opts = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1",
+            "TEST.PRECISE_BN.NUM_ITER", "1"]  # fmt: skip
+    result = run_benchmarks(RANDOM_INIT, [BENCHMARKS[name]], out, trials=1, opts=opts)[name]
+    assert set(result["summary"]) == columns
+    assert all(0 <= s["mean"] <= 100 for s in result["summary"].values())
+    header = open(os.path.join(out, "results.md")).read().splitlines()[0]
+    assert [c for c in header.split(" | ") if c in COLUMNS] == [c for c in COLUMNS if c in columns]
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(out, name, "trial0", "config.yaml"))
+    assert cfg.DATASETS.TRAIN == load_transfer_config(BENCHMARKS[name].config).DATASETS.TRAIN
+
+
 def test_extra_norm_heads_and_stock_reload(tmp_path):
     c4 = load_transfer_config("instant_test/coco_mask_rcnn_R_50_C4.yaml")
     model = build_model(c4)
@@ -164,7 +258,7 @@ def demo_names(tmp_path_factory):
     demo_det.register_demo_det(root, prefix="t_demo_det")
     yield "t_demo_det"
     for split in demo_det.DEMO_DET_SPLITS:
-        for fmt in ("voc", "coco"):
+        for fmt in demo_det.DEMO_DET_FORMATS:
             DatasetCatalog.remove(f"t_demo_det_{fmt}_{split}")
             MetadataCatalog.remove(f"t_demo_det_{fmt}_{split}")
 
@@ -403,7 +497,7 @@ def test_unreadable_annotations_are_a_clear_error(moco_checkpoint, tmp_path, cap
         assert not os.path.isdir(str(tmp_path / "o" / "demo_voc_c4"))  # nothing launched
     finally:
         for split in demo_det.DEMO_DET_SPLITS:
-            for fmt in ("voc", "coco"):
+            for fmt in demo_det.DEMO_DET_FORMATS:
                 DatasetCatalog.remove(f"corrupt_demo_det_{fmt}_{split}")
                 MetadataCatalog.remove(f"corrupt_demo_det_{fmt}_{split}")
 

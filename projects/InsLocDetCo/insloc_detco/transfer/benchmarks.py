@@ -18,7 +18,8 @@ __all__ = ["Benchmark", "BENCHMARKS", "PROTOCOLS", "get_benchmark", "benchmark_t
 # Whose fine-tuning protocol a benchmark follows (its recipe's comments give the details):
 PROTOCOLS = {
     "MoCo": "MoCo (He et al. 2020): C4, naiveSyncBN, extra norm after res5",
-    "InsLoc": "InsLoc (Yang et al. 2021): MoCo's + FPN with 4conv1fc box head, BN in the heads",
+    "InsLoc": "InsLoc (Yang et al. 2021): MoCo's + FPN with 4conv1fc box head, BN in the heads; "
+    "BN after fc1 too for weights with InsLoc's pretrained box head (box_head_choice.py)",
     "DetCo": "DetCo (Xie et al. 2021, released configs): SyncBN in backbone and FPN only, "
     "standard 2fc heads, C4 MAX_SIZE_TRAIN 1200, 12k steps 9000/11000",
 }
@@ -86,6 +87,21 @@ _ALL = [
                   "DetCo")
         for p in (1, 2, 5, 10)
     ],
+    *[
+        Benchmark(f"semi_coco_{p}pct_mask_rcnn_{det.lower()}_12k",
+                  f"detco/coco_mask_rcnn_R_50_{det}_12k_{p}pct.yaml", 3,
+                  f"COCO {p}% train2017 -> val2017, Mask R-CNN R50-{det}, 12k iters (DetCo "
+                  "appendix)", "DetCo")
+        for det in ("FPN", "C4")
+        for p in (1, 2, 5, 10)
+    ],
+    Benchmark("detco_coco_keypoint_fpn_2x", "detco/keypoint_rcnn_R_50_FPN_2x.yaml", 1,
+              "COCO person keypoints train2017 -> val2017, Keypoint R-CNN R50-FPN, 2x, keypoint "
+              "AP (DetCo Table 7)", "DetCo"),
+    # Cityscapes is small (2,975 training images): several trials, as the COCO subsets.
+    Benchmark("detco_cityscapes_fpn", "detco/cityscapes_mask_rcnn_R_50_FPN.yaml", 3,
+              "Cityscapes fine train -> val, Mask R-CNN R50-FPN, 24k iters, batch 8, mask AP "
+              "(DetCo Table 6)", "DetCo"),
     # Instant tests on the generated demo_det set: minutes on a CPU.
     Benchmark("demo_voc_c4", "instant_test/voc_faster_rcnn_R_50_C4.yaml", 2,
               "instant test: demo_det (VOC format), Faster R-CNN R50-C4, 20 iters", "MoCo"),
@@ -97,6 +113,15 @@ _ALL = [
               "instant test: demo_det (COCO format), Mask R-CNN R50-FPN 2fc, 20 iters", "DetCo"),
     Benchmark("demo_semi_retinanet", "instant_test/coco_retinanet_R_50_FPN_semi.yaml", 1,
               "instant test: 50% of demo_det (COCO format), RetinaNet R50-FPN, 20 iters",
+              "DetCo"),
+    Benchmark("demo_semi_mask_rcnn_fpn", "instant_test/detco_coco_mask_rcnn_R_50_FPN_semi.yaml",
+              1, "instant test: 50% of demo_det (COCO format), Mask R-CNN R50-FPN 2fc, 20 iters",
+              "DetCo"),
+    Benchmark("demo_detco_keypoint_fpn", "instant_test/detco_keypoint_rcnn_R_50_FPN.yaml", 1,
+              "instant test: demo_det keypoints (shape corners), Keypoint R-CNN R50-FPN, 20 iters",
+              "DetCo"),
+    Benchmark("demo_detco_cityscapes_fpn", "instant_test/detco_cityscapes_mask_rcnn_R_50_FPN.yaml",
+              1, "instant test: demo_cityscapes (Cityscapes layout), Mask R-CNN R50-FPN, 20 iters",
               "DetCo"),
 ]  # fmt: skip
 BENCHMARKS = OrderedDict((b.name, b) for b in _ALL)

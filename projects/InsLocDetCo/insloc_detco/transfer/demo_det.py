@@ -4,8 +4,10 @@ fine-tuning, VOC and COCO evaluation) runs anywhere with no download.
 
 Each image is a crop of one of scikit-image's real photos (the ``pretrain_demo`` photos) with 1-3
 non-overlapping objects pasted on it: a circle, square or triangle (the class) filled with a
-tinted crop of another photo. Every object has an exact box and instance mask. The set is
-written once, deterministically, in both formats side by side::
+tinted crop of another photo. Every object has an exact box and instance mask, and the corners
+of squares and triangles are its keypoints (``DEMO_DET_KEYPOINT_NAMES``: a square's four, a
+triangle's apex and base corners; a circle has none), so that Keypoint R-CNN trains and COCO's
+keypoint AP is computed on it too. The set is written once, deterministically, side by side::
 
     $DETECTRON2_DATASETS/demo_det/
         JPEGImages/000000.jpg ...                  shared by both formats
@@ -13,11 +15,14 @@ written once, deterministically, in both formats side by side::
         ImageSets/Main/{train,val}.txt             VOC splits
         SegmentationObject/, SegmentationClass/    VOC instance / class masks (PNG, palette)
         annotations/instances_{train,val}.json     COCO boxes + polygon masks
+        annotations/keypoints_{train,val}.json     the same + COCO keypoints (x, y, v)
 
-and registered as ``demo_det_voc_{train,val}`` (evaluator ``pascal_voc``) and
-``demo_det_coco_{train,val}`` (evaluator ``coco``). Generation happens on first load.
+and registered as ``demo_det_voc_{train,val}`` (evaluator ``pascal_voc``),
+``demo_det_coco_{train,val}`` and ``demo_det_keypoints_{train,val}`` (evaluator ``coco``; the
+latter with ``keypoint_names`` and ``keypoint_flip_map``). Generation happens on first load.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -36,6 +41,10 @@ from ..data.reading import read_rgb_image
 __all__ = [
     "DEMO_DET_CLASSES",
     "DEMO_DET_SPLITS",
+    "DEMO_DET_FORMATS",
+    "DEMO_DET_KEYPOINT_NAMES",
+    "DEMO_DET_KEYPOINT_FLIP_MAP",
+    "DEMO_DET_KEYPOINT_OKS_SIGMAS",
     "demo_det_root",
     "ensure_demo_det",
     "register_demo_det",
@@ -44,8 +53,22 @@ __all__ = [
 
 DEMO_DET_CLASSES = ("circle", "square", "triangle")
 DEMO_DET_SPLITS = {"train": 32, "val": 8}  # number of images
+DEMO_DET_FORMATS = ("voc", "coco", "keypoints")  # registered as demo_det_<format>_<split>
+# Keypoints: the corners of the shapes. Mirroring swaps left and right; the apex stays the apex.
+DEMO_DET_KEYPOINT_NAMES = ("top_left", "top", "top_right", "bottom_right", "bottom_left")
+DEMO_DET_KEYPOINT_FLIP_MAP = (("top_left", "top_right"), ("bottom_left", "bottom_right"))
+# Each shape's corners in the order of its polygon's vertices (``_shape_polygon``).
+_CORNERS = {
+    "square": ("top_left", "top_right", "bottom_right", "bottom_left"),
+    "triangle": ("top", "bottom_right", "bottom_left"),
+    "circle": (),
+}
+# OKS sigma per keypoint (choice): COCO's person sigmas span 0.025 (eyes) to 0.107 (hips); a
+# corner is about as sharp as a wrist (0.062). The demo keypoint configs repeat these values
+# (TEST.KEYPOINT_OKS_SIGMAS).
+DEMO_DET_KEYPOINT_OKS_SIGMAS = (0.06, 0.06, 0.06, 0.06, 0.06)
 # Bump when the generator changes: an existing folder with another stamp is rewritten.
-_VERSION = "demo_det v1 seed 2021"
+_VERSION = "demo_det v2 seed 2021"
 _STAMP = "COMPLETE"
 _SIZES = ((160, 128), (128, 160), (144, 144))  # (W, H) of the images
 _OBJECT_SIZE = (28, 64)  # side of an object's square box, pixels
@@ -113,9 +136,14 @@ def _random_crop(photo: Image.Image, size: Tuple[int, int], rng) -> Image.Image:
     return photo.crop((x, y, x + cw, y + ch)).resize(size, Image.BILINEAR)
 
 
-def _make_image(photos: List[Image.Image], rng) -> Tuple[Image.Image, List[Dict]]:
-    """One composite image and its objects: dicts with class, polygon, mask (H, W) bool."""
-    size = _SIZES[int(rng.integers(len(_SIZES)))]
+def _make_image(
+    photos: List[Image.Image], rng, size: Tuple[int, int] = None
+) -> Tuple[Image.Image, List[Dict]]:
+    """
+    One composite image and its objects: dicts with class, polygon, mask (H, W) bool.
+    ``size`` (W, H): drawn from ``_SIZES`` if None.
+    """
+    size = size or _SIZES[int(rng.integers(len(_SIZES)))]
     bg_index = int(rng.integers(len(photos)))
     image = _random_crop(photos[bg_index], size, rng)
     objects, boxes = [], []
@@ -149,6 +177,21 @@ def _mask_box(mask: np.ndarray) -> Tuple[int, int, int, int]:
     """Tight box of a mask as pixel indices (x0, y0, x1, y1), inclusive."""
     ys, xs = np.nonzero(mask)
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+def _coco_keypoints(obj: Dict) -> List[float]:
+    """
+    COCO ``keypoints`` of an object: (x, y, v) per name of ``DEMO_DET_KEYPOINT_NAMES``, v = 2
+    (labelled, visible) at the shape's corners and 0 elsewhere. A vertex is given as the index
+    of its pixel, as COCO does (ImageDraw fills the pixel a vertex names; detectron2 adds 0.5
+    when it loads the file and subtracts it again when it writes predictions).
+    """
+    corners = dict(zip(_CORNERS[obj["class"]], obj["polygon"]))
+    out: List[float] = []
+    for name in DEMO_DET_KEYPOINT_NAMES:
+        x, y = corners.get(name, (0.0, 0.0))
+        out += [float(x), float(y), 2 if name in corners else 0]
+    return out
 
 
 def _voc_xml(file_id: str, size: Tuple[int, int], objects: List[Dict]) -> ET.ElementTree:
@@ -210,6 +253,48 @@ def write_unlabeled_images(root: str, count: int, seed: int = 7) -> List[str]:
     return paths
 
 
+def _write_voc_files(root: str, file_id: str, image: Image.Image, objects: List[Dict]):
+    """The image, its VOC boxes and its instance / class PNGs."""
+    image.save(os.path.join(root, "JPEGImages", f"{file_id}.jpg"), quality=95)
+    _voc_xml(file_id, image.size, objects).write(
+        os.path.join(root, "Annotations", f"{file_id}.xml")
+    )
+    instance_map = np.zeros(image.size[::-1], dtype=np.uint8)
+    class_map = np.zeros_like(instance_map)
+    for k, obj in enumerate(objects):
+        instance_map[obj["mask"]] = k + 1
+        class_map[obj["mask"]] = DEMO_DET_CLASSES.index(obj["class"]) + 1
+    _palette_png(instance_map).save(os.path.join(root, "SegmentationObject", f"{file_id}.png"))
+    _palette_png(class_map).save(os.path.join(root, "SegmentationClass", f"{file_id}.png"))
+
+
+def _coco_annotation(ann_id: int, image_id: int, obj: Dict) -> Dict:
+    x0, y0, x1, y1 = _mask_box(obj["mask"])
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": DEMO_DET_CLASSES.index(obj["class"]) + 1,
+        "bbox": [x0, y0, x1 + 1 - x0, y1 + 1 - y0],
+        "area": int(obj["mask"].sum()),
+        "iscrowd": 0,
+        "segmentation": [[float(v) for xy in obj["polygon"] for v in xy]],
+    }
+
+
+def _with_keypoints(coco: Dict, objects: List[Dict]) -> Dict:
+    """A COCO instances dict + keypoints: per annotation ``keypoints`` and ``num_keypoints``,
+    per category the keypoint names (the same for all three) and the outline as skeleton."""
+    n = len(DEMO_DET_KEYPOINT_NAMES)
+    skeleton = [[i + 1, (i + 1) % n + 1] for i in range(n)]
+    categories = [{**c, "keypoints": list(DEMO_DET_KEYPOINT_NAMES), "skeleton": skeleton}
+                  for c in coco["categories"]]  # fmt: skip
+    annotations = []
+    for ann, obj in zip(coco["annotations"], objects):
+        count = len(_CORNERS[obj["class"]])
+        annotations.append({**ann, "keypoints": _coco_keypoints(obj), "num_keypoints": count})
+    return {**coco, "annotations": annotations, "categories": categories}
+
+
 def _generate(root: str):
     """Write the whole set under ``root`` (deterministic)."""
     photos = _load_photos()
@@ -225,50 +310,25 @@ def _generate(root: str):
     image_id, ann_id = 1, 1
     for split, count in DEMO_DET_SPLITS.items():
         coco = {"images": [], "annotations": [], "categories": categories}
-        ids = []
+        ids, split_objects = [], []
         for _ in range(count):
             image, objects = _make_image(photos, rng)
             file_id = f"{image_id:06d}"
             ids.append(file_id)
-            image.save(os.path.join(root, "JPEGImages", f"{file_id}.jpg"), quality=95)
-            _voc_xml(file_id, image.size, objects).write(
-                os.path.join(root, "Annotations", f"{file_id}.xml")
-            )
-            instance_map = np.zeros(image.size[::-1], dtype=np.uint8)
-            class_map = np.zeros_like(instance_map)
-            coco["images"].append(
-                {
-                    "id": image_id,
-                    "file_name": f"{file_id}.jpg",
-                    "width": image.size[0],
-                    "height": image.size[1],
-                }
-            )
-            for k, obj in enumerate(objects):
-                instance_map[obj["mask"]] = k + 1
-                class_map[obj["mask"]] = DEMO_DET_CLASSES.index(obj["class"]) + 1
-                x0, y0, x1, y1 = _mask_box(obj["mask"])
-                coco["annotations"].append(
-                    {
-                        "id": ann_id,
-                        "image_id": image_id,
-                        "category_id": DEMO_DET_CLASSES.index(obj["class"]) + 1,
-                        "bbox": [x0, y0, x1 + 1 - x0, y1 + 1 - y0],
-                        "area": int(obj["mask"].sum()),
-                        "iscrowd": 0,
-                        "segmentation": [[float(v) for xy in obj["polygon"] for v in xy]],
-                    }
-                )
+            _write_voc_files(root, file_id, image, objects)
+            coco["images"].append({"id": image_id, "file_name": f"{file_id}.jpg",
+                                   "width": image.size[0], "height": image.size[1]})  # fmt: skip
+            for obj in objects:
+                coco["annotations"].append(_coco_annotation(ann_id, image_id, obj))
                 ann_id += 1
-            _palette_png(instance_map).save(
-                os.path.join(root, "SegmentationObject", f"{file_id}.png")
-            )
-            _palette_png(class_map).save(os.path.join(root, "SegmentationClass", f"{file_id}.png"))
+            split_objects += objects
             image_id += 1
         with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
         with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
             json.dump(coco, f)
+        with open(os.path.join(root, "annotations", f"keypoints_{split}.json"), "w") as f:
+            json.dump(_with_keypoints(coco, split_objects), f)
     with open(os.path.join(root, _STAMP), "w") as f:
         f.write(_VERSION)
 
@@ -276,11 +336,18 @@ def _generate(root: str):
 # ------------------------------------------------------------------------------------------
 # Registration
 # ------------------------------------------------------------------------------------------
+def _load_coco(root: str, json_file: str, name: str) -> List[Dict]:
+    ensure_demo_det(root)
+    return load_coco_json(json_file, os.path.join(root, "JPEGImages"), name)
+
+
 def register_demo_det(root: str = None, prefix: str = "demo_det"):
-    """Register ``<prefix>_{voc,coco}_{train,val}`` over the set at ``root`` (generated lazily)."""
+    """Register ``<prefix>_{voc,coco,keypoints}_{train,val}`` over the set at ``root``
+    (generated lazily)."""
     root = root or demo_det_root()
+    image_root = os.path.join(root, "JPEGImages")
     for split in DEMO_DET_SPLITS:
-        voc, coco = f"{prefix}_voc_{split}", f"{prefix}_coco_{split}"
+        voc = f"{prefix}_voc_{split}"
         DatasetCatalog.register(
             voc, lambda s=split: load_voc_instances(ensure_demo_det(root), s, DEMO_DET_CLASSES)
         )
@@ -289,18 +356,19 @@ def register_demo_det(root: str = None, prefix: str = "demo_det"):
             year=2012,  # VOC2012 AP (area under the curve), not the 11-point VOC07 metric
             evaluator_type="pascal_voc",
         )  # fmt: skip
-        json_file = os.path.join(root, "annotations", f"instances_{split}.json")
-        image_root = os.path.join(root, "JPEGImages")
-        DatasetCatalog.register(
-            coco,
-            lambda n=coco, j=json_file: (ensure_demo_det(root), load_coco_json(j, image_root, n))[
-                1
-            ],
-        )
-        MetadataCatalog.get(coco).set(
-            thing_classes=list(DEMO_DET_CLASSES), json_file=json_file, image_root=image_root,
-            evaluator_type="coco",
-        )  # fmt: skip
+        for fmt, json_name, extra in (
+            ("coco", f"instances_{split}.json", {}),
+            ("keypoints", f"keypoints_{split}.json",
+             {"keypoint_names": list(DEMO_DET_KEYPOINT_NAMES),
+              "keypoint_flip_map": list(DEMO_DET_KEYPOINT_FLIP_MAP)}),
+        ):  # fmt: skip
+            name = f"{prefix}_{fmt}_{split}"
+            json_file = os.path.join(root, "annotations", json_name)
+            DatasetCatalog.register(name, functools.partial(_load_coco, root, json_file, name))
+            MetadataCatalog.get(name).set(
+                thing_classes=list(DEMO_DET_CLASSES), json_file=json_file, image_root=image_root,
+                evaluator_type="coco", **extra,
+            )  # fmt: skip
 
 
 if "demo_det_voc_train" not in DatasetCatalog.list():

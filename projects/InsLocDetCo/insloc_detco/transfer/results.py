@@ -2,7 +2,10 @@
 Per-trial results -> mean +- std over trials -> ``results.json`` and a Markdown table.
 
 Columns: box AP, AP50, AP75 (VOC evaluator: its own AP over IoU 0.5:0.95, AP50, AP75; COCO
-evaluator: COCO AP) and, where the detector predicts masks, the mask AP (``APmask``).
+evaluator: COCO AP); where the detector predicts masks, the mask AP and AP50 (``APmask``,
+``APmask50``; COCO's, or cityscapesScripts' for Cityscapes, which reports no box AP); where it
+predicts keypoints, COCO's keypoint AP, AP50, AP75 (``APkp``...). A table shows the columns
+that some benchmark in it reports.
 """
 
 import json
@@ -30,7 +33,9 @@ __all__ = [
 # Column name -> (evaluator task, metric).
 COLUMNS = OrderedDict(
     [("AP", ("bbox", "AP")), ("AP50", ("bbox", "AP50")), ("AP75", ("bbox", "AP75")),
-     ("APmask", ("segm", "AP"))]
+     ("APmask", ("segm", "AP")), ("APmask50", ("segm", "AP50")),
+     ("APkp", ("keypoints", "AP")), ("APkp50", ("keypoints", "AP50")),
+     ("APkp75", ("keypoints", "AP75"))]
 )  # fmt: skip
 
 
@@ -110,18 +115,14 @@ def markdown_table(results: Dict[str, Dict]) -> str:
         results: benchmark name -> {"summary": summarize(...), "trials": [...], "machine",
             "date", "weights", ...} (the content of results.json).
     """
-    lines = [
-        "| benchmark | weights | trials | " + " | ".join(COLUMNS) + " | machine | date |",
-        "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|",
-    ]
+    columns = [c for c in COLUMNS if any(c in r["summary"] for r in results.values())]
+    header = ["benchmark", "weights", "trials", *columns, "machine", "date"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
-        s = r["summary"]
-        cells = [format_mean_std(s.get(c), missing="") for c in COLUMNS]
-        lines.append(
-            f"| {name} | {os.path.basename(r['weights'])} | {len(r['trials'])} | "
-            + " | ".join(cells)
-            + f" | {r['machine']} | {r['date']} |"
-        )
+        cells = [format_mean_std(r["summary"].get(c), missing="") for c in columns]
+        row = [name, os.path.basename(r["weights"]), str(len(r["trials"])), *cells,
+               r["machine"], r["date"]]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -47,7 +47,9 @@ class ExtraNormConvFCHead(FastRCNNConvFCHead):
     fc + ReLU (``cfg.MODEL.ROI_BOX_HEAD.NORM``, the norm of the convs). Layer names are those
     of ``FastRCNNConvFCHead`` (``conv1..conv4``, ``fc1``) so InsLoc-FPN's pretrained box head
     loads into it; ``fc_norm`` is new. This follows InsLoc's released FPN fine-tuning recipe
-    (Yang et al. 2021), which normalises the fc output as well as the convs.
+    for InsLoc checkpoints (Yang et al. 2021; ``R_50_FPN_1x_insloc.yaml``), which normalises
+    the fc output as well as the convs; for other checkpoints that recipe has no norm after fc1
+    (:mod:`.box_head_choice`).
     """
 
     @configurable

@@ -37,6 +37,7 @@ from detectron2.utils.logger import setup_logger
 from ..engine import resolve_device
 from ..engine.launch import launch
 from .benchmarks import Benchmark
+from .box_head_choice import box_head_for_weights
 from .config import load_transfer_config, quiet_logger
 from .converter import (
     convert_checkpoint,
@@ -46,6 +47,7 @@ from .converter import (
     save_model_zoo_pkl,
     target_of_config,
 )
+from .evaluators import evaluation_problems
 from .results import (
     machine_description,
     markdown_table,
@@ -125,17 +127,24 @@ def prepare_weights(weights: str, cfg, output_dir: str, model_state=None) -> str
     return path
 
 
-def check_datasets(cfg) -> Dict[str, int]:
-    """Load every train and test set once; returns name -> number of images."""
-    counts = {}
-    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+def check_datasets(cfg, num_machines: int = 1) -> Dict[str, int]:
+    """Check what the evaluators and the task need (:func:`.evaluators.evaluation_problems`),
+    then load every train and test set once; returns name -> number of images."""
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    for name in names:
         if not ensure_subset_registered(name):
             raise TransferError(
                 f"Dataset '{name}' is not registered (builtin names resolve under "
                 "$DETECTRON2_DATASETS, see detectron2's datasets/README.md)."
             )
+    problems = evaluation_problems(cfg, num_machines)
+    if problems:
+        raise TransferError(" ".join(problems))
+    counts = {}
+    for name in names:
         meta = MetadataCatalog.get(name)
-        source = meta.get("json_file", None) or meta.get("dirname", None) or "its loader"
+        source = (meta.get("json_file", None) or meta.get("dirname", None)
+                  or meta.get("gt_dir", None) or "its loader")  # fmt: skip
         try:
             dicts = DatasetCatalog.get(name)
         except Exception as e:
@@ -146,9 +155,6 @@ def check_datasets(cfg) -> Dict[str, int]:
         if not dicts:
             raise TransferError(f"Dataset '{name}' ({source}) has no images.")
         counts[name] = len(dicts)
-    for name in cfg.DATASETS.TEST:
-        if MetadataCatalog.get(name).get("evaluator_type", None) not in ("pascal_voc", "coco"):
-            raise TransferError(f"Test set '{name}' has no VOC or COCO evaluator type.")
     return counts
 
 
@@ -302,6 +308,7 @@ def run_benchmarks(
     all_results: Dict[str, Dict] = {}
     for bench in benchmarks:
         cfg = load_transfer_config(bench.config, opts)
+        cfg = box_head_for_weights(cfg, weights, opts)  # InsLoc's FPN protocol: head per source
         target = target_of_config(cfg)
         pkl, source = "", "random initialisation (no pretrained tensor)"
         if weights != RANDOM_INIT:
@@ -310,7 +317,7 @@ def run_benchmarks(
             report = check_weights(cfg, pkl, model_state)
             source = f"{report['loaded']} of the detector's {report['model']} tensors come from "
             source += os.path.basename(pkl)
-        counts = check_datasets(cfg)
+        counts = check_datasets(cfg, num_machines)
         logger.info(f"[{bench.name}] {source}; data: {counts}")
         weights_sha256 = file_sha256(pkl)
         done: List[Dict] = []

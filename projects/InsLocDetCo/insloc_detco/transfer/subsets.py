@@ -1,6 +1,6 @@
 """
 Seeded random subsets of a labelled data set: Mini-COCO (InsLoc Sec. 5.3, 10% of train2017)
-and the semi-supervised COCO sets (DetCo Table 8, 1/2/5/10% of train2017).
+and the semi-supervised COCO sets (DetCo Table 8 and its appendix, 1/2/5/10% of train2017).
 
 The papers publish no image lists, so the split is defined here (choice): sort the image ids,
 permute them with ``numpy.random.default_rng(seed)``, keep the first ``round(fraction * N)``.
