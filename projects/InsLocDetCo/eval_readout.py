@@ -28,25 +28,18 @@ for all). Trailing ``KEY VALUE`` pairs override the readout network's detectron2
 """
 
 import argparse
-import json
 import os
 import sys
 
+from insloc_detco.engine import setup_logging
+from insloc_detco.engine.runs import Launch, add_launch_arguments, read_json
 from insloc_detco.readout.encoder import LAYOUTS, STAGES, ReadoutError
 from insloc_detco.readout.linear import LinearRecipe
+from insloc_detco.readout.protocols import PROTOCOLS, ReadoutSettings
 from insloc_detco.readout.results import comparison_table, markdown_tables
-from insloc_detco.readout.runner import ReadoutSettings, run_readouts, setup_logging
+from insloc_detco.readout.runner import run_readouts
 from insloc_detco.readout.svm import DEFAULT_COSTS
 from insloc_detco.transfer.converter import ConversionError
-
-# protocol -> (default train set, default val set): the papers' data.
-DEFAULT_DATA = {
-    "knn": ("imagenet_cls_train", "imagenet_cls_val"),
-    "linear": ("imagenet_cls_train", "imagenet_cls_val"),
-    "loc": ("imagenet_cls_train", "imagenet_cls_val"),
-    "svm": ("voc_2007_trainval", "voc_2007_test"),
-    "views": ("imagenet_cls_train", "imagenet_cls_val"),  # train: --precise-bn only
-}
 
 
 def _ints(s: str):
@@ -88,10 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32",
                         help="of the features on disk (float16: half the disk)")  # fmt: skip
     common.add_argument("--keep-features", action="store_true", help="leave them on disk")
-    common.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
-    common.add_argument("--num-machines", type=int, default=1)
-    common.add_argument("--machine-rank", type=int, default=0)
-    common.add_argument("--dist-url", default="auto")
+    add_launch_arguments(common)
 
     classifier = argparse.ArgumentParser(add_help=False)
     r = LinearRecipe()
@@ -133,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args, opts) -> ReadoutSettings:
     import torch
 
-    train, val = DEFAULT_DATA[args.protocol]
+    train, val = PROTOCOLS[args.protocol].data  # the papers' data
     s = ReadoutSettings(
         protocol=args.protocol, train=args.train or train, val=args.val or val,
         layout=args.layout, resize=args.resize, crop=args.crop, batch_size=args.batch_size,
@@ -169,8 +159,7 @@ def print_table(dirs) -> int:
         if not os.path.isfile(path):
             print(f"eval_readout.py table: error: no {path}", file=sys.stderr)
             return 2
-        with open(path) as f:
-            results.update(json.load(f))
+        results.update(read_json(path))
     print(comparison_table(results), end="")
     return 0
 
@@ -185,13 +174,10 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(opts)}")
     if args.protocol == "table":
         return print_table(args.dirs)
-    setup_logging()
+    setup_logging(None)
     try:
         s = settings_from_args(args, opts)
-        entries = run_readouts(
-            args.weights, s, args.output_dir, args.num_gpus, args.num_machines,
-            args.machine_rank, args.dist_url,
-        )  # fmt: skip
+        entries = run_readouts(args.weights, s, args.output_dir, Launch.from_args(args))
     except (ReadoutError, ConversionError, ValueError, FloatingPointError) as e:
         print(f"eval_readout.py {args.protocol}: error: {e}", file=sys.stderr)
         return 2

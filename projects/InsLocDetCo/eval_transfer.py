@@ -28,6 +28,8 @@ import argparse
 import os
 import sys
 
+from insloc_detco.engine import setup_logging
+from insloc_detco.engine.runs import Launch, add_launch_arguments, default_output_dir
 from insloc_detco.transfer.benchmarks import benchmark_table, get_benchmark
 from insloc_detco.transfer.converter import (
     TARGETS,
@@ -36,12 +38,7 @@ from insloc_detco.transfer.converter import (
     convert_checkpoint,
     save_model_zoo_pkl,
 )
-from insloc_detco.transfer.runner import (
-    RANDOM_INIT,
-    TransferError,
-    run_benchmarks,
-    setup_console_logging,
-)
+from insloc_detco.transfer.runner import TransferError, run_benchmarks
 
 TARGET_HELP = {
     "any": "layout-neutral ResNet names, loads into C4, FPN and RetinaNet detectors",
@@ -73,11 +70,7 @@ def run(args):
         benchmarks = [get_benchmark(n) for names in args.benchmark for n in names.split(",")]
     except KeyError as e:
         raise TransferError(e.args[0]) from None
-    if args.weights == RANDOM_INIT:
-        default_dir = os.path.join("output", "transfer_random_init")
-    else:
-        default_dir = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "transfer")
-    output_dir = args.output_dir or default_dir
+    output_dir = args.output_dir or default_output_dir(args.weights, "transfer")
     run_benchmarks(
         args.weights,
         benchmarks,
@@ -85,10 +78,7 @@ def run(args):
         trials=args.trials,
         seed=args.seed,
         opts=args.opts,
-        num_gpus=args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
+        launch=Launch.from_args(args),
         force=args.force,
     )
     print(f"Results: {os.path.join(output_dir, 'results.md')}")
@@ -135,10 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--seed", type=int, default=1, help="seed of the first trial")
     r.add_argument("--output-dir", default=None, help="default: transfer/ next to the checkpoint")
-    r.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
-    r.add_argument("--num-machines", type=int, default=1)
-    r.add_argument("--machine-rank", type=int, default=0)
-    r.add_argument("--dist-url", default="auto", help="e.g. tcp://HOST:PORT with several machines")
+    add_launch_arguments(r)
     r.add_argument("--force", action="store_true",
                    help="start again trials begun with another config or weights (the old "
                    "folder is kept beside them); without it that is an error")  # fmt: skip
@@ -152,7 +139,7 @@ def main(argv=None) -> int:
     if extra and (args.command != "run" or any(x.startswith("--") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.opts = extra
-    setup_console_logging()
+    setup_logging(None)
     if args.list or getattr(args, "list", False):
         print(benchmark_table())
         return 0

@@ -39,12 +39,14 @@ from insloc_detco.readout.features import (  # noqa: E402
     extract_features,
     extract_shard,
 )
-from insloc_detco.readout.knn import knn_accuracy, sharded_knn_accuracy  # noqa: E402
+from insloc_detco.readout.knn import knn_accuracy  # noqa: E402
 from insloc_detco.readout.linear import LinearRecipe, linear_probe  # noqa: E402
-from insloc_detco.readout.localization import (  # noqa: E402
-    grid_boxes,
-    loc_readout,
-    localization_probe,
+from insloc_detco.readout.localization import grid_boxes, localization_probe  # noqa: E402
+from insloc_detco.readout.protocols import (  # noqa: E402
+    ReadoutData,
+    cell_metrics,
+    knn_metrics,
+    linear_metrics,
 )
 
 SIZE, CLASSES = 24, 8
@@ -124,16 +126,17 @@ def _readout(args, train, val, folder):
         if args.protocol == "loc":
             return localization_probe(ftr["boxes"], fva["boxes"], 9, recipe)
         return linear_probe(ftr["res5"], ytr, fva["res5"], yva, CLASSES, recipe)
+    # On disk: what eval_readout.py runs, the protocols' functions on the shards.
+    data = ReadoutData(train, val, [f"c{i}" for i in range(CLASSES)], SIZE, SIZE)
     with FeatureStore(folder) as store:
         ftr, fva = (extract_shard(store, enc, r, tf, s, **kw)
                     for r, s in ((train, "train"), (val, "val")))  # fmt: skip
         if args.protocol == "knn":
-            return sharded_knn_accuracy(ftr.arrays["res5"], ytr[ftr.index], fva.arrays["res5"],
-                                        yva[fva.index], CLASSES, (20,))  # fmt: skip
+            return knn_metrics(ftr, fva, data, (20,), 0.07, "cpu")
         if args.protocol == "loc":
-            return loc_readout(ftr, fva, train, val, CLASSES, 3, recipe, SIZE, SIZE)
-        return linear_probe(ftr.arrays["res5"], ytr[ftr.index], fva.arrays["res5"],
-                            yva[fva.index], CLASSES, recipe, True)  # fmt: skip
+            return {**cell_metrics(ftr, fva, data, 3, recipe),
+                    "Cls": linear_metrics(ftr, fva, data, recipe)["top1"]}  # fmt: skip
+        return linear_metrics(ftr, fva, data, recipe)
 
 
 def child(args):

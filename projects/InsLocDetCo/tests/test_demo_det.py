@@ -13,12 +13,9 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from insloc_detco.data.datasets import try_register
 from insloc_detco.transfer import demo_det
-from insloc_detco.transfer.subsets import (
-    ensure_subset_registered,
-    register_subset,
-    subset_image_ids,
-)
+from insloc_detco.transfer.subsets import register_subset, subset_image_ids
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +254,10 @@ def test_registered_subsets(demo_root):
     assert meta.evaluator_type == "coco" and meta.subset_of == "t_demo_det_coco_train"
     assert not hasattr(meta, "json_file")  # the whole set's json does not describe the subset
     # Names with a seed resolve on first use; the split depends on it.
-    assert ensure_subset_registered("t_demo_det_coco_train_25pct_seed4")
+    assert try_register("t_demo_det_coco_train_25pct_seed4")
     other = DatasetCatalog.get("t_demo_det_coco_train_25pct_seed4")
     assert {r["image_id"] for r in other} != {r["image_id"] for r in sub}
-    assert not ensure_subset_registered("no_such_set_10pct")
+    assert not try_register("no_such_set_10pct")
     # COCO's builtin subsets exist without loading COCO.
     for pct in (1, 2, 5, 10):
         assert f"coco_2017_train_{pct}pct" in DatasetCatalog.list()

@@ -19,10 +19,8 @@ centre. A feature scores high when a region's vector says whether it holds the o
 
 from typing import Dict, List
 
-import numpy as np
 import torch
 
-from .feature_store import FeatureShard
 from .linear import LinearRecipe, linear_probe
 
 __all__ = [
@@ -32,7 +30,6 @@ __all__ = [
     "object_cells",
     "localization_probe",
     "object_cell_probe",
-    "loc_readout",
 ]
 
 
@@ -121,33 +118,3 @@ def object_cell_probe(
     )  # fmt: skip
     return {"ObjLoc": acc["top1"]}
 
-
-def loc_readout(
-    train: FeatureShard, val: FeatureShard, train_records: List[Dict], val_records: List[Dict],
-    num_classes: int, grid: int, recipe: LinearRecipe, resize: int, crop: int, device="cpu",
-) -> Dict[str, float]:  # fmt: skip
-    """
-    The localization readout on every process's feature shards ("boxes": the cells, "res5":
-    the whole images, from the same backbone pass).
-
-    Returns:
-        {"Loc"}, "ObjLoc" when every record has one object box, and "Cls" when the records
-        have class labels: a linear classifier of the class on the cached res5 features with
-        the same recipe (not MoCo's augmented linear protocol, which ``linear`` runs).
-    """
-    m = grid * grid
-    out = localization_probe(train.arrays["boxes"], val.arrays["boxes"], m, recipe, True, device)
-    mine = [torch.from_numpy(s.index) for s in (train, val)]
-    if all("bbox" in r for r in train_records) and all("bbox" in r for r in val_records):
-        out.update(object_cell_probe(
-            train.arrays["boxes"], object_cells(train_records, resize, crop, grid)[mine[0]],
-            val.arrays["boxes"], object_cells(val_records, resize, crop, grid)[mine[1]], m,
-            recipe, True, device,
-        ))  # fmt: skip
-    if "label" in train_records[0]:
-        labels = [torch.as_tensor(np.asarray([r["label"] for r in records]))[index]
-                  for records, index in zip((train_records, val_records), mine)]  # fmt: skip
-        cls = linear_probe(train.arrays["res5"], labels[0], val.arrays["res5"], labels[1],
-                           num_classes, recipe, True, device)  # fmt: skip
-        out["Cls"] = cls["top1"]
-    return out

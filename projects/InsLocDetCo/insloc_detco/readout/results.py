@@ -1,21 +1,14 @@
 """
 Readout results -> ``results.json`` (one entry per protocol, weights and data) and
-``results.md`` (one Markdown table per protocol), as ``eval_transfer.py run`` writes them; the
-JSON files, machine description, date and mean +- std come from
-:mod:`insloc_detco.transfer.results`.
+``results.md`` (one Markdown table per protocol), through the results files every run writes
+(:mod:`insloc_detco.engine.runs`).
 """
 
 import os
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Dict
 
-from ..transfer.results import (
-    format_mean_std,
-    machine_description,
-    mean_std,
-    merge_results_files,
-    now,
-)
+from ..engine.runs import RANDOM_INIT, merge_results_files
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -24,10 +17,6 @@ __all__ = [
     "merge_results",
     "markdown_tables",
     "comparison_table",
-    "mean_std",
-    "format_mean_std",
-    "machine_description",
-    "now",
 ]
 
 # Protocol -> the metrics its table shows, in order (others stay in results.json).
@@ -143,12 +132,7 @@ def comparison_table(results: Dict[str, Dict]) -> str:
     cols = [c for c in COMPARISON if c in cols]
     lines = ["| weights | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for weights, m in rows.items():
-        name = "random init" if weights == "random" else weights
+        name = "random init" if weights == RANDOM_INIT else weights
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
     lines.append("| (chance) | " + " | ".join(_fmt(chance[c]) for c in cols) + " |")
     return "\n".join(lines) + "\n"
-
-
-
-def entries_of(results: Dict[str, Dict], protocol: str) -> List[Dict]:
-    return [r for r in results.values() if r["protocol"] == protocol]
