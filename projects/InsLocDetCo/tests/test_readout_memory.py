@@ -10,6 +10,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import PROJECT_DIR
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from insloc_testing import run_distributed
@@ -24,6 +25,7 @@ from insloc_detco.readout.features import eval_transform, extract_features
 from insloc_detco.readout.knn import knn_accuracy, sharded_knn_accuracy
 from insloc_detco.readout.linear import LinearRecipe, linear_probe
 from insloc_detco.readout.localization import grid_boxes, localization_probe
+from insloc_detco.readout.protocols import ReadoutData, cell_metrics, knn_metrics, linear_metrics
 
 DIM, CLASSES, SIZE = 1024, 4, 24
 # Bytes per image a readout may keep besides features (a file name, an index, a label).
@@ -154,6 +156,54 @@ def test_shards_on_disk_give_the_in_memory_results(sets, tmp_path, stub_network)
     for protocol, want in expected.items():
         assert _readout(protocol, train, val, tmp_path)() == want, protocol
     assert not os.path.exists(tmp_path / "features")  # shards removed after each readout
+
+
+def _cell_records(n, seed):
+    """Records whose object sits in cell (i * 5 + seed) % 9 of a 24 px image."""
+    out = []
+    for i in range(n):
+        cell = (i * 5 + seed) % 9
+        x0, y0 = (cell % 3) * 8 + 1, (cell // 3) * 8 + 1
+        out.append({"label": i % CLASSES, "bbox": [x0, y0, x0 + 6, y0 + 6], "width": SIZE,
+                    "height": SIZE, "cell": cell})  # fmt: skip
+    return out
+
+
+def _known_features(records, order, g):
+    """Features in ``order`` (a shard's rows): res5 says the class, each cell's row its index
+    and, for the object's cell, an object direction."""
+    proj = torch.randn(CLASSES + 10, 16, generator=torch.Generator().manual_seed(7))
+    labels = torch.tensor([records[i]["label"] for i in order])
+    res5 = F.one_hot(labels, CLASSES + 10).float() @ proj
+    cells = torch.eye(9).repeat(len(order), 1)
+    is_object = torch.zeros(len(order), 9)
+    is_object[torch.arange(len(order)), torch.tensor([records[i]["cell"] for i in order])] = 1
+    boxes = torch.cat([cells, is_object.view(-1, 1)], 1) @ proj[:10]
+    return {"index": order, "res5": res5 + 0.05 * torch.randn(res5.shape, generator=g),
+            "boxes": boxes + 0.05 * torch.randn(boxes.shape, generator=g)}  # fmt: skip
+
+
+def test_metric_functions_read_shards_on_disk_as_tensors_in_memory(tmp_path):
+    """The protocols' metric functions (the mini benchmark calls them on tensors) give the same
+    numbers on memory-mapped shards as on tensors, rows in any record order."""
+    g = torch.Generator().manual_seed(0)
+    d = ReadoutData(_cell_records(40, 0), _cell_records(20, 1), [str(c) for c in range(CLASSES)],
+                    SIZE, SIZE)  # fmt: skip
+    memory = [_known_features(r, torch.randperm(len(r), generator=g), g) for r in (d.train, d.val)]
+    recipe = LinearRecipe(epochs=20, lr=0.5, batch_size=8, milestones=(15,),
+                          normalize="standardize")  # fmt: skip
+    with FeatureStore(str(tmp_path / "f")) as store:
+        disk = [store.write(split, iter([(f["index"], {k: f[k] for k in ("res5", "boxes")})]),
+                            len(f["index"]))  # fmt: skip
+                for split, f in zip(("train", "val"), memory)]
+        for features in (memory, disk):
+            got = {**knn_metrics(*features, d, (3,), 0.07, "cpu"),
+                   **linear_metrics(*features, d, recipe),
+                   **cell_metrics(*features, d, 3, recipe)}  # fmt: skip
+            if features is memory:
+                expected = got
+    assert got == expected
+    assert got["top1@k3"] == got["top1"] == got["Loc"] == got["ObjLoc"] == 100.0, got
 
 
 # ------------------------------------------------------------------------------------------
