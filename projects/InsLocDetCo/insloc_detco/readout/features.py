@@ -196,20 +196,11 @@ def feature_batches(
 
 
 def extract_features(
-    encoder: ReadoutEncoder,
-    records: List[Dict],
-    transform,
-    stages: Sequence[str] = ("res5",),
-    boxes: Optional[torch.Tensor] = None,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    gather: Union[bool, str] = True,
-    name: str = "",
-    seed: Optional[int] = None,
-    forward: Forward = None,
-) -> Dict[str, torch.Tensor]:
+    encoder: ReadoutEncoder, records: List[Dict], transform, *args,
+    gather: Union[bool, str] = True, **kwargs,
+) -> Dict[str, torch.Tensor]:  # fmt: skip
     """
-    The features of a small set, in memory (arguments: :func:`feature_batches`).
+    The features of a small set, in memory (``args``, ``kwargs``: :func:`feature_batches`).
 
     Args:
         gather: True: all-gathered to every process in record order; "main": gathered to the
@@ -218,8 +209,7 @@ def extract_features(
         {"index": (n,) record indices, stage: (n, C), "boxes": (n * M, D)}: float32 on the CPU.
     """
     out: Dict[str, List[torch.Tensor]] = {"index": []}
-    batches = feature_batches(encoder, records, transform, stages, boxes, batch_size,
-                              num_workers, name, seed, forward)  # fmt: skip
+    batches = feature_batches(encoder, records, transform, *args, **kwargs)
     for index, features in batches:
         out["index"].append(index)
         for k, v in features.items():
