@@ -7,9 +7,9 @@ What did pretraining learn? Frozen-feature readouts of a pretraining checkpoint,
     python eval_readout.py knn output/pretrain_moco_v2/model_final.pth --num-gpus 8
     # MoCo's linear classification protocol (lr 30, 100 epochs, batch 256, augmentation)
     python eval_readout.py linear output/pretrain_moco_v2/model_final.pth --num-gpus 8
-    # InsLoc's linear localization readout (M = 9 cells, R50-C4 head) + linear Cls
+    # InsLoc's linear localization readout (M = 9 cells, R50-C4 head) + Cls on cached res5
     python eval_readout.py loc output/pretrain_insloc_c4/model_final.pth --num-gpus 8
-    # DetCo's per-stage VOC07 SVMs (res2..res5)
+    # DetCo's per-stage VOC07 SVMs (res2..res5, pooled to ~9k dimensions, all-point mAP)
     python eval_readout.py svm output/pretrain_detco/model_final.pth --num-gpus 8
     # augmented-view retrieval on held-out images: what the pretext task trains, no labels
     python eval_readout.py views output/pretrain_moco_v2/model_final.pth random \
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--output-dir", default=None, help="default: readout/ next to weights")
+    common.add_argument("--feature-dir", default=None,
+                        help="knn, linear --cached, loc: where each process writes its features "
+                        "(default: <output dir>/features; removed when done)")  # fmt: skip
+    common.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32",
+                        help="of the features on disk (float16: half the disk)")  # fmt: skip
+    common.add_argument("--keep-features", action="store_true", help="leave them on disk")
     add_launch_arguments(common)
 
     classifier = argparse.ArgumentParser(add_help=False)
@@ -102,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dirs", nargs="+", help="folders with a readout results.json")
     s = sub.add_parser("svm", parents=[common], help="per-stage VOC07 SVMs (DetCo)")
     s.add_argument("--stages", type=lambda x: tuple(x.split(",")), default=STAGES)
-    s.add_argument("--costs", type=_floats, default=DEFAULT_COSTS, help="cost sweep")
-    s.add_argument("--folds", type=int, default=3, help="cross-validation folds for the cost")
+    s.add_argument("--costs", type=_floats, default=DEFAULT_COSTS,
+                   help="cost sweep (default: DetCo's 1,10,100 and 0.5^4 ... 0.5^19)")
+    s.add_argument("--folds", type=int, default=3,
+                   help="stratified cross-validation folds that choose the cost")
+    s.add_argument("--svm-jobs", type=int, default=-1,
+                   help="processes fitting the SVMs (-1: one per CPU)")
     v = sub.add_parser("views", parents=[common],
                        help="augmented-view retrieval on the validation images (pretext task)")
     v.add_argument("--stages", type=lambda x: tuple(x.split(",")), default=("res4", "res5"))
@@ -120,6 +130,8 @@ def settings_from_args(args, opts) -> ReadoutSettings:
         num_workers=args.num_workers, seed=args.seed, max_train_images=args.max_train_images,
         precise_bn=args.precise_bn,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), opts=opts,
+        feature_dir=args.feature_dir, feature_dtype=args.feature_dtype,
+        keep_features=args.keep_features,
     )  # fmt: skip
     if args.protocol == "knn":
         s.ks, s.temperature = args.k, args.temperature
@@ -134,7 +146,7 @@ def settings_from_args(args, opts) -> ReadoutSettings:
     if args.protocol == "loc":
         s.grid = args.grid
     if args.protocol == "svm":
-        s.stages, s.costs, s.folds = args.stages, args.costs, args.folds
+        s.stages, s.costs, s.folds, s.svm_jobs = args.stages, args.costs, args.folds, args.svm_jobs
     if args.protocol == "views":
         s.stages = args.stages
     return s

@@ -3,16 +3,20 @@ The readout protocols, one table: name -> :class:`ReadoutProtocol` (the function
 the papers' data, what its records must carry), with the settings and the data every protocol
 reads.
 
-A protocol runs in every launched process: features are extracted in parallel, the small
-classifiers are fitted by the main process. The ``*_metrics`` functions compute a protocol's
-numbers from features already extracted, so that a study extracting its features once (the
-mini benchmark) reads them out exactly as the protocols do.
+A protocol runs in every launched process: features are extracted in parallel. knn,
+linear --cached and loc keep each process's features in a shard on disk
+(:mod:`.feature_store`) and train or compare across the processes; svm gathers its pooled
+features to the main process, which fits the SVMs. The ``*_metrics`` functions compute a
+protocol's numbers from features already extracted, each process's shard on disk or features
+held in memory, so that a study extracting its features once (the mini benchmark) reads them
+out exactly as the protocols do.
 """
 
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,10 +24,12 @@ from detectron2.utils import comm
 
 from .datasets import class_labels, get_readout_dataset, image_level_targets
 from .encoder import STAGES, ReadoutError
-from .features import eval_transform, extract_features
-from .knn import knn_accuracy
+from .feature_store import FeatureShard, FeatureStore
+from .features import eval_transform, extract_features, extract_shard
+from .knn import sharded_knn_accuracy
 from .linear import LinearRecipe, linear_probe, train_linear_protocol
 from .localization import grid_boxes, localization_probe, object_cell_probe, object_cells
+from .stage_pooling import MultiStagePooling, squash_transform, stage_pooling_mode
 from .svm import DEFAULT_COSTS, svm_readout
 from .views import view_retrieval
 
@@ -31,6 +37,7 @@ __all__ = [
     "ReadoutSettings",
     "ReadoutData",
     "load_readout_data",
+    "Features",
     "knn_metrics",
     "linear_metrics",
     "cell_metrics",
@@ -38,6 +45,8 @@ __all__ = [
     "PROTOCOLS",
     "get_protocol",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +71,10 @@ class ReadoutSettings:
     # (0: the checkpoint's statistics, the papers' protocol). See ReadoutEncoder.
     precise_bn: int = 0
     opts: Sequence[str] = ()  # KEY VALUE overrides of the readout network's config
+    # knn, linear --cached, loc: per-process feature shards on disk (None: <output dir>/features)
+    feature_dir: Optional[str] = None
+    feature_dtype: str = "float32"  # or "float16": half the disk
+    keep_features: bool = False
     # kNN
     ks: Sequence[int] = (20, 200)
     temperature: float = 0.07
@@ -74,6 +87,7 @@ class ReadoutSettings:
     stages: Sequence[str] = STAGES
     costs: Sequence[float] = DEFAULT_COSTS
     folds: int = 3
+    svm_jobs: int = -1  # processes for the SVM fits (-1: one per CPU)
 
     def input_size(self, dataset: str):
         """(resize, crop): as given, else the data set's own size, else MoCo's 256 / 224."""
@@ -132,84 +146,123 @@ def load_readout_data(s: ReadoutSettings) -> ReadoutData:
 
 
 # ------------------------------------------------------------------------------------------
-# Numbers from extracted features ({"index": (N,), stage: (N, C), "boxes": (N * M, D)})
+# Numbers from extracted features: every process passes its own part (with one process, all
+# of it), a shard on disk or features in memory
 # ------------------------------------------------------------------------------------------
+# A :class:`.feature_store.FeatureShard` (memory-mapped), or features in memory as
+# :func:`.features.extract_features` returns them: {"index": (n,), stage: (n, C),
+# "boxes": (n * M, D)} tensors (without "index": every record, in order).
+Features = Union[FeatureShard, Dict[str, torch.Tensor]]
+
+
+def _parts(features: Features, records: List[Dict]) -> Tuple[np.ndarray, Mapping]:
+    """(record indices (n,), {feature: (n * rows, D) tensor or memory-mapped array})."""
+    if isinstance(features, FeatureShard):
+        return features.index, features.arrays
+    index = features.get("index")
+    return np.arange(len(records)) if index is None else np.asarray(index), features
+
+
+def _distributed() -> bool:
+    return comm.get_world_size() > 1
+
+
 def knn_metrics(
-    bank: Dict, queries: Dict, d: ReadoutData, ks: Sequence[int], temperature: float, device
-) -> Dict[str, float]:
-    """Weighted kNN of the val images' class among the training images, pooled res5.
+    bank: Features, queries: Features, d: ReadoutData, ks: Sequence[int], temperature: float,
+    device,
+) -> Dict[str, float]:  # fmt: skip
+    """Weighted kNN of the val images' class among the training images, pooled res5; bank
+    and queries compared block by block (:func:`.knn.sharded_knn_accuracy`).
 
     Args:
-        bank: training features, this process's shard or all of them (``index`` says which).
-        queries: validation features of every record, in record order.
+        bank, queries: this process's training / validation features.
+        device: where the similarities are computed.
     """
-    train_y = torch.as_tensor(class_labels(d.train))[bank["index"]]
-    val_y = torch.as_tensor(class_labels(d.val))
-    return knn_accuracy(
-        bank["res5"].to(device),
-        train_y.to(device),
-        queries["res5"].to(device),
-        val_y,
+    bank_index, bank_x = _parts(bank, d.train)
+    query_index, query_x = _parts(queries, d.val)
+    return sharded_knn_accuracy(
+        bank_x["res5"],
+        class_labels(d.train)[bank_index],
+        query_x["res5"],
+        class_labels(d.val)[query_index],
         len(d.classes),
         ks,
         temperature,
+        device=device,
     )
 
 
 def linear_metrics(
-    train: Dict, val: Dict, d: ReadoutData, recipe: LinearRecipe
+    train: Features, val: Features, d: ReadoutData, recipe: LinearRecipe, device="cpu"
 ) -> Dict[str, float]:
-    """Linear classification on cached pooled res5 (records in order): {"top1", "top5"}."""
+    """Linear classification on cached pooled res5, trained across the processes:
+    {"top1", "top5"}."""
+    train_index, train_x = _parts(train, d.train)
+    val_index, val_x = _parts(val, d.val)
     return linear_probe(
-        train["res5"],
-        torch.as_tensor(class_labels(d.train)),
-        val["res5"],
-        torch.as_tensor(class_labels(d.val)),
+        train_x["res5"],
+        torch.as_tensor(class_labels(d.train)[train_index]),
+        val_x["res5"],
+        torch.as_tensor(class_labels(d.val)[val_index]),
         len(d.classes),
         recipe,
+        _distributed(),
+        device,
     )
 
 
 def cell_metrics(
-    train: Dict, val: Dict, d: ReadoutData, grid: int, recipe: LinearRecipe
+    train: Features, val: Features, d: ReadoutData, grid: int, recipe: LinearRecipe, device="cpu"
 ) -> Dict[str, float]:
     """InsLoc's linear localization ("Loc": which of the grid x grid cells a box feature is)
     and, when every record has its object's ``bbox``, which cell holds the object ("ObjLoc")."""
     m = grid * grid
-    out = localization_probe(train["boxes"], val["boxes"], m, recipe)
-    if all("bbox" in r for r in d.train + d.val):
-        train_cells = object_cells(d.train, d.resize, d.crop, grid)
-        val_cells = object_cells(d.val, d.resize, d.crop, grid)
+    train_index, train_x = _parts(train, d.train)
+    val_index, val_x = _parts(val, d.val)
+    out = localization_probe(train_x["boxes"], val_x["boxes"], m, recipe, _distributed(), device)
+    if all("bbox" in r for r in d.train) and all("bbox" in r for r in d.val):
+        train_cells = object_cells(d.train, d.resize, d.crop, grid)[torch.as_tensor(train_index)]
+        val_cells = object_cells(d.val, d.resize, d.crop, grid)[torch.as_tensor(val_index)]
         out.update(
-            object_cell_probe(train["boxes"], train_cells, val["boxes"], val_cells, m, recipe)
+            object_cell_probe(
+                train_x["boxes"], train_cells, val_x["boxes"], val_cells, m, recipe,
+                _distributed(), device,
+            )  # fmt: skip
         )
     return out
 
 
 # ------------------------------------------------------------------------------------------
-# The protocols: (encoder, settings, data, output folder) -> metrics in the main process, {}
-# in the others
+# The protocols: (encoder, settings, data, output folder) -> metrics in the main process (the
+# others may get {})
 # ------------------------------------------------------------------------------------------
-def _extract(encoder, s: ReadoutSettings, d: ReadoutData, split: str, **kwargs) -> Dict:
-    records, name = (d.train, s.train) if split == "train" else (d.val, s.val)
+def _store(s: ReadoutSettings, output_dir: str) -> FeatureStore:
+    root = s.feature_dir or os.path.join(output_dir, "features")
+    return FeatureStore(root, s.feature_dtype, s.keep_features)
+
+
+def _shard(store: FeatureStore, encoder, s: ReadoutSettings, d: ReadoutData, split: str, **kw):
+    """This process's features of ``split`` ("train" or "val"), written to ``store``."""
+    records = d.train if split == "train" else d.val
     transform = eval_transform(d.resize, d.crop)
-    return extract_features(
+    return extract_shard(
+        store,
         encoder,
         records,
         transform,
+        split,
         batch_size=s.batch_size,
         num_workers=s.num_workers,
-        name=name,
-        **kwargs,
+        **kw,
     )
 
 
 def _knn(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dict:
-    # The memory bank stays sharded over the processes; the queries are gathered.
-    bank = _extract(encoder, s, d, "train", gather=False)
-    queries = _extract(encoder, s, d, "val")
-    # The similarities on the accelerator when there is one.
-    return knn_metrics(bank, queries, d, s.ks, s.temperature, encoder.device)
+    # Bank and queries stay sharded over the processes, on disk; the similarities on the
+    # accelerator when there is one.
+    with _store(s, output_dir) as store:
+        bank, queries = _shard(store, encoder, s, d, "train"), _shard(store, encoder, s, d, "val")
+        return knn_metrics(bank, queries, d, s.ks, s.temperature, encoder.device)
 
 
 def _linear(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dict:
@@ -229,28 +282,34 @@ def _linear(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dic
             num_workers=s.num_workers,
             checkpoint=ckpt,
         )
-    train, val = _extract(encoder, s, d, "train"), _extract(encoder, s, d, "val")
-    if not comm.is_main_process():
-        return {}
-    return linear_metrics(train, val, d, s.recipe)
+    with _store(s, output_dir) as store:
+        train, val = _shard(store, encoder, s, d, "train"), _shard(store, encoder, s, d, "val")
+        return linear_metrics(train, val, d, s.recipe, encoder.device)
 
 
 def _loc(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dict:
     boxes = grid_boxes(d.crop, d.crop, s.grid)
     # One backbone pass per image gives the cells' features and the whole image's (for Cls).
-    train = _extract(encoder, s, d, "train", boxes=boxes)
-    val = _extract(encoder, s, d, "val", boxes=boxes)
-    if not comm.is_main_process():
-        return {}
-    out = cell_metrics(train, val, d, s.grid, s.recipe)
-    if "label" in d.train[0]:
-        out["Cls"] = linear_metrics(train, val, d, s.recipe)["top1"]
-    return out
+    with _store(s, output_dir) as store:
+        train = _shard(store, encoder, s, d, "train", boxes=boxes)
+        val = _shard(store, encoder, s, d, "val", boxes=boxes)
+        out = cell_metrics(train, val, d, s.grid, s.recipe, encoder.device)
+        if "label" in d.train[0]:
+            # "Cls (cached)": the loc recipe on cached res5, not MoCo's augmented linear
+            # protocol behind InsLoc's Table 3a Cls (that is `linear`).
+            out["Cls"] = linear_metrics(train, val, d, s.recipe, encoder.device)["top1"]
+        return out
 
 
 def _svm(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dict:
-    train = _extract(encoder, s, d, "train", stages=s.stages)
-    val = _extract(encoder, s, d, "val", stages=s.stages)
+    # DetCo's extraction: squashed to crop x crop, each stage pooled to ~9k dimensions; the
+    # features gathered to the main process, which fits the SVMs.
+    logger.info(f"[svm] {stage_pooling_mode(d.crop)} pooling at {d.crop} px")
+    transform = squash_transform(d.resize, d.crop)
+    kw = dict(stages=s.stages, forward=MultiStagePooling(s.stages), gather="main",
+              batch_size=s.batch_size, num_workers=s.num_workers)  # fmt: skip
+    train = extract_features(encoder, d.train, transform, name=s.train, **kw)
+    val = extract_features(encoder, d.val, transform, name=s.val, **kw)
     if not comm.is_main_process():
         return {}
     return svm_readout(
@@ -261,6 +320,7 @@ def _svm(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dict:
         s.costs,
         s.folds,
         s.seed,
+        s.svm_jobs,
     )
 
 
