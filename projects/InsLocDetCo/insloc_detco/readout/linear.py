@@ -273,6 +273,28 @@ class _EpochOrder(torch.utils.data.Sampler):
         return self.steps * self.batch
 
 
+def _resume(checkpoint: Optional[str], parts: Dict, recipe: LinearRecipe) -> int:
+    """Load ``parts`` (name -> object with ``load_state_dict``) from ``checkpoint`` if it
+    exists; returns the epoch to start from (0 without a checkpoint)."""
+    if not (checkpoint and os.path.isfile(checkpoint)):
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state.get("recipe") != recipe.as_dict():
+        raise ValueError(f"{checkpoint} was written with another recipe; delete it to restart.")
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    logger.info(f"Resumed the linear classifier from {checkpoint} at epoch {state['epoch']}")
+    return state["epoch"]
+
+
+def _save(checkpoint: str, parts: Dict, recipe: LinearRecipe, epoch: int):
+    """Write ``parts`` and the number of finished epochs to ``checkpoint`` (atomic rename)."""
+    state = {name: part.state_dict() for name, part in parts.items()}
+    tmp = checkpoint + ".tmp"
+    torch.save({**state, "epoch": epoch, "recipe": recipe.as_dict()}, tmp)
+    os.replace(tmp, checkpoint)
+
+
 def train_linear_protocol(
     encoder: ReadoutEncoder,
     train_records: List[Dict],
@@ -315,17 +337,8 @@ def train_linear_protocol(
     model = create_ddp_model_any_device(head, broadcast_buffers=False)
     opt, sched = _optimizer(model, recipe, sampler.steps)
     labels = torch.as_tensor(train_labels, dtype=torch.long)
-    start_epoch = 0
-    if checkpoint and os.path.isfile(checkpoint):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state.get("recipe") != recipe.as_dict():
-            raise ValueError(f"{checkpoint} was written with another recipe; delete it to restart.")
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"]
-        logger.info(f"Resumed the linear classifier from {checkpoint} at epoch {start_epoch}")
-    for epoch in range(start_epoch, recipe.epochs):
+    parts = {"head": head, "optimizer": opt, "scheduler": sched}
+    for epoch in range(_resume(checkpoint, parts, recipe), recipe.epochs):
         sampler.epoch = epoch
         for images, index in loader:
             feats = encoder(images)["res5"]
@@ -337,11 +350,7 @@ def train_linear_protocol(
         logger.info(f"linear epoch {epoch + 1}/{recipe.epochs}: loss {loss.item():.3f}, "
                     f"lr {sched.get_last_lr()[0]:g}")  # fmt: skip
         if checkpoint and comm.is_main_process():
-            tmp = checkpoint + ".tmp"
-            torch.save({"epoch": epoch + 1, "head": head.state_dict(), "optimizer":
-                        opt.state_dict(), "scheduler": sched.state_dict(),
-                        "recipe": recipe.as_dict()}, tmp)  # fmt: skip
-            os.replace(tmp, checkpoint)
+            _save(checkpoint, parts, recipe, epoch + 1)
     # Every process scores its shard of the validation images.
     val = extract_features(encoder, val_records, eval_transform(resize, crop),
                            num_workers=num_workers, gather=False, name="val")  # fmt: skip
