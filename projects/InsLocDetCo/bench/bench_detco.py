@@ -26,7 +26,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_pretrain import load_cfg, measure_loader, measure_step, select_clock  # noqa: E402
+from bench_pretrain import (  # noqa: E402
+    add_timing_arguments,
+    load_cfg,
+    measure_loader,
+    measure_step,
+    select_clock,
+)
 
 
 def moco_v2_like(cfg):
@@ -55,13 +61,7 @@ def variants(cfg, ablations: bool):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", default="instant_test/pretrain_detco.yaml")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default=None,
-        help="step timer; default: cpu (process CPU time) on the CPU, wall on a GPU",
-    )  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs, best kept")
+    add_timing_arguments(parser, iters=5, repeats=3)
     parser.add_argument("--ablations", action="store_true", help="also time MLS-/GLC-only")
     parser.add_argument("--no-loader", action="store_true", help="skip the loader comparison")
     parser.add_argument("opts", nargs=argparse.REMAINDER)

@@ -10,6 +10,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
+from insloc_testing import registered_for_the_test
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -23,11 +24,10 @@ def demo_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("datasets") / "demo_det")
     demo_det.ensure_demo_det(root)
     demo_det.register_demo_det(root, prefix="t_demo_det")
-    yield root
-    for split in demo_det.DEMO_DET_SPLITS:
-        for fmt in demo_det.DEMO_DET_FORMATS:
-            DatasetCatalog.remove(f"t_demo_det_{fmt}_{split}")
-            MetadataCatalog.remove(f"t_demo_det_{fmt}_{split}")
+    splits, formats = demo_det.DEMO_DET_SPLITS, demo_det.DEMO_DET_FORMATS
+    names = [f"t_demo_det_{f}_{s}" for s in splits for f in formats]
+    with registered_for_the_test(names):
+        yield root
 
 
 def _polygon_mask(polygons, h, w):
