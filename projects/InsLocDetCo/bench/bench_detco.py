@@ -13,10 +13,7 @@ step rates come from ``bench_pretrain.measure_step`` in this process; the ratio 
 machines, the img/s do not. On the CPU the default timer is process CPU time on one thread:
 wall time on a shared CPU swings several-fold, and spinning OpenMP threads bill CPU time.
 
-Expected from pixel counts at the paper's sizes: the 9 patches of 64 px add
-9 * 64^2 / 224^2 = 0.73 of a global view to each of the two passes, so ~1.7x. Measured (2-core
-CPU shared with other jobs, batch 4, 224 px + 9 x 64 px): DetCo / MoCo v2 = 1.81 (twice);
-at instant scale (64 px + 9 x 32 px, batch 8): 2.85, MLS only 1.02, GLC only 2.65.
+Measured ratios: ``docs/SPEED.md``.
 """
 import argparse
 import os

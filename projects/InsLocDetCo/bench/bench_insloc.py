@@ -17,11 +17,7 @@ Ratios travel across machines, img/s do not. On the CPU the timer is process CPU
 torch thread (wall time on a shared CPU swings several-fold); measurements are interleaved and
 the best of ``--repeats`` kept.
 
-Measured (2-core CPU shared with other jobs, CPU-time clock, demo photos, batch 8):
-  256 px (paper configs): step time InsLoc-FPN / MoCo v2 = 1.60, InsLoc-C4 / MoCo v2 = 0.95;
-  mapper throughput vs MoCo v2: "dataset" backgrounds 0.65, "batch" backgrounds 0.94.
-  96 px (instant configs): FPN 1.57, C4 1.22 (the 14x14 RoI is larger than the 6x6 res4 map);
-  mapper: "dataset" 0.44, "batch" 1.02.
+Measured ratios: ``docs/SPEED.md``.
 """
 import argparse
 import itertools
