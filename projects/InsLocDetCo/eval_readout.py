@@ -7,9 +7,9 @@ What did pretraining learn? Frozen-feature readouts of a pretraining checkpoint,
     python eval_readout.py knn output/pretrain_moco_v2/model_final.pth --num-gpus 8
     # MoCo's linear classification protocol (lr 30, 100 epochs, batch 256, augmentation)
     python eval_readout.py linear output/pretrain_moco_v2/model_final.pth --num-gpus 8
-    # InsLoc's linear localization readout (M = 9 cells, R50-C4 head) + linear Cls
+    # InsLoc's linear localization readout (M = 9 cells, R50-C4 head) + Cls on cached res5
     python eval_readout.py loc output/pretrain_insloc_c4/model_final.pth --num-gpus 8
-    # DetCo's per-stage VOC07 SVMs (res2..res5)
+    # DetCo's per-stage VOC07 SVMs (res2..res5, pooled to ~9k dimensions, all-point mAP)
     python eval_readout.py svm output/pretrain_detco/model_final.pth --num-gpus 8
     # augmented-view retrieval on held-out images: what the pretext task trains, no labels
     python eval_readout.py views output/pretrain_moco_v2/model_final.pth random \
@@ -30,31 +30,18 @@ for all). Trailing ``KEY VALUE`` pairs override the readout network's detectron2
 """
 
 import argparse
-import json
 import os
 import sys
 
-from insloc_detco.engine.launch import (
-    LaunchError,
-    add_launch_arguments,
-    is_launch_leader,
-    run_entry_point,
-)
+from insloc_detco.engine import LaunchError, run_entry_point, setup_logging
+from insloc_detco.engine.runs import Launch, add_launch_arguments, read_json
 from insloc_detco.readout.encoder import LAYOUTS, STAGES, ReadoutError
 from insloc_detco.readout.linear import LinearRecipe
+from insloc_detco.readout.protocols import PROTOCOLS, ReadoutSettings
 from insloc_detco.readout.results import comparison_table, markdown_tables
-from insloc_detco.readout.runner import ReadoutSettings, run_readouts, setup_logging
+from insloc_detco.readout.runner import run_readouts
 from insloc_detco.readout.svm import DEFAULT_COSTS
 from insloc_detco.transfer.converter import ConversionError
-
-# protocol -> (default train set, default val set): the papers' data.
-DEFAULT_DATA = {
-    "knn": ("imagenet_cls_train", "imagenet_cls_val"),
-    "linear": ("imagenet_cls_train", "imagenet_cls_val"),
-    "loc": ("imagenet_cls_train", "imagenet_cls_val"),
-    "svm": ("voc_2007_trainval", "voc_2007_test"),
-    "views": ("imagenet_cls_train", "imagenet_cls_val"),  # train: --precise-bn only
-}
 
 
 def _ints(s: str):
@@ -90,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--output-dir", default=None, help="default: readout/ next to weights")
-    common.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
-    common.add_argument("--num-machines", type=int, default=1)
-    common.add_argument("--machine-rank", type=int, default=0)
-    common.add_argument("--dist-url", default="auto")
+    common.add_argument("--feature-dir", default=None,
+                        help="knn, linear --cached, loc: where each process writes its features "
+                        "(default: <output dir>/features; removed when done)")  # fmt: skip
+    common.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32",
+                        help="of the features on disk (float16: half the disk)")  # fmt: skip
+    common.add_argument("--keep-features", action="store_true", help="leave them on disk")
     add_launch_arguments(common)
 
     classifier = argparse.ArgumentParser(add_help=False)
@@ -121,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dirs", nargs="+", help="folders with a readout results.json")
     s = sub.add_parser("svm", parents=[common], help="per-stage VOC07 SVMs (DetCo)")
     s.add_argument("--stages", type=lambda x: tuple(x.split(",")), default=STAGES)
-    s.add_argument("--costs", type=_floats, default=DEFAULT_COSTS, help="cost sweep")
-    s.add_argument("--folds", type=int, default=3, help="cross-validation folds for the cost")
+    s.add_argument("--costs", type=_floats, default=DEFAULT_COSTS,
+                   help="cost sweep (default: DetCo's 1,10,100 and 0.5^4 ... 0.5^19)")
+    s.add_argument("--folds", type=int, default=3,
+                   help="stratified cross-validation folds that choose the cost")
+    s.add_argument("--svm-jobs", type=int, default=-1,
+                   help="processes fitting the SVMs (-1: one per CPU)")
     v = sub.add_parser("views", parents=[common],
                        help="augmented-view retrieval on the validation images (pretext task)")
     v.add_argument("--stages", type=lambda x: tuple(x.split(",")), default=("res4", "res5"))
@@ -132,13 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args, opts) -> ReadoutSettings:
     import torch
 
-    train, val = DEFAULT_DATA[args.protocol]
+    train, val = PROTOCOLS[args.protocol].data  # the papers' data
     s = ReadoutSettings(
         protocol=args.protocol, train=args.train or train, val=args.val or val,
         layout=args.layout, resize=args.resize, crop=args.crop, batch_size=args.batch_size,
         num_workers=args.num_workers, seed=args.seed, max_train_images=args.max_train_images,
         precise_bn=args.precise_bn,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), opts=opts,
+        feature_dir=args.feature_dir, feature_dtype=args.feature_dtype,
+        keep_features=args.keep_features,
     )  # fmt: skip
     if args.protocol == "knn":
         s.ks, s.temperature = args.k, args.temperature
@@ -153,7 +148,7 @@ def settings_from_args(args, opts) -> ReadoutSettings:
     if args.protocol == "loc":
         s.grid = args.grid
     if args.protocol == "svm":
-        s.stages, s.costs, s.folds = args.stages, args.costs, args.folds
+        s.stages, s.costs, s.folds, s.svm_jobs = args.stages, args.costs, args.folds, args.svm_jobs
     if args.protocol == "views":
         s.stages = args.stages
     return s
@@ -166,8 +161,7 @@ def print_table(dirs) -> int:
         if not os.path.isfile(path):
             print(f"eval_readout.py table: error: no {path}", file=sys.stderr)
             return 2
-        with open(path) as f:
-            results.update(json.load(f))
+        results.update(read_json(path))
     print(comparison_table(results), end="")
     return 0
 
@@ -182,19 +176,15 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(opts)}")
     if args.protocol == "table":
         return print_table(args.dirs)
-    setup_logging()
-    if args.dist_timeout is not None:
-        os.environ["INSLOC_DIST_TIMEOUT"] = str(args.dist_timeout)  # read by the launch
+    setup_logging(None)
     try:
         s = settings_from_args(args, opts)
-        entries = run_readouts(
-            args.weights, s, args.output_dir, args.num_gpus, args.num_machines,
-            args.machine_rank, args.dist_url,
-        )  # fmt: skip
+        launch = Launch.from_args(args)
+        entries = run_readouts(args.weights, s, args.output_dir, launch)
     except (ReadoutError, ConversionError, ValueError, FloatingPointError, LaunchError) as e:
         print(f"eval_readout.py {args.protocol}: error: {e}", file=sys.stderr)
         return 2
-    if is_launch_leader(args.machine_rank):
+    if launch.collects_results:  # under torchrun: rank 0
         print(markdown_tables({str(i): e for i, e in enumerate(entries)}))
     return 0
 

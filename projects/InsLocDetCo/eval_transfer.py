@@ -31,14 +31,8 @@ import argparse
 import os
 import sys
 
-from insloc_detco.engine.launch import (
-    LaunchError,
-    add_launch_arguments,
-    is_launch_leader,
-    launch,
-    run_entry_point,
-)
-from insloc_detco.engine.slurm import add_slurm_arguments, submit
+from insloc_detco.engine import LaunchError, run_entry_point, setup_logging
+from insloc_detco.engine.runs import Launch, add_launch_arguments, default_output_dir
 from insloc_detco.transfer.benchmarks import benchmark_table, get_benchmark
 from insloc_detco.transfer.converter import (
     TARGETS,
@@ -47,13 +41,7 @@ from insloc_detco.transfer.converter import (
     convert_checkpoint,
     save_model_zoo_pkl,
 )
-from insloc_detco.transfer.runner import (
-    RANDOM_INIT,
-    TransferError,
-    run_benchmarks,
-    run_trial,
-    setup_console_logging,
-)
+from insloc_detco.transfer.runner import TransferError, run_benchmarks
 
 TARGET_HELP = {
     "any": "layout-neutral ResNet names, loads into C4, FPN and RetinaNet detectors",
@@ -85,44 +73,26 @@ def run(args):
         benchmarks = [get_benchmark(n) for names in args.benchmark for n in names.split(",")]
     except KeyError as e:
         raise TransferError(e.args[0]) from None
-    if args.weights == RANDOM_INIT:
-        default_dir = os.path.join("output", "transfer_random_init")
-    else:
-        default_dir = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "transfer")
-    output_dir = args.output_dir or default_dir
-    submitted = []
-
-    def submit_trial(cfg, info):
-        folder = os.path.join(cfg.OUTPUT_DIR, "submitit")
-        job = submit(run_trial_job, (cfg, info), args, folder,
-                     f"{info['benchmark']}-trial{info['trial']}")  # fmt: skip
-        submitted.append(f"{job.job_id} ({folder})")
-
-    run_benchmarks(
+    output_dir = args.output_dir or default_output_dir(args.weights, "transfer")
+    launch = Launch.from_args(args)
+    results = run_benchmarks(
         args.weights,
         benchmarks,
         output_dir,
         trials=args.trials,
         seed=args.seed,
         opts=args.opts,
-        num_gpus=args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
+        launch=launch,
         force=args.force,
-        submit_trial=submit_trial if args.slurm else None,
     )
-    if submitted:
-        print(f"Submitted {len(submitted)} trial job(s): " + ", ".join(submitted))
-        print("When they have finished, run the same command without --slurm to write the table.")
-    elif is_launch_leader(args.machine_rank):
+    if not launch.collects_results:  # under torchrun: ranks > 0
+        return
+    pending = [b.name for b in benchmarks if b.name not in results]
+    if pending:  # trials submitted as SLURM jobs (logged above with their ids)
+        print(f"Trials of {', '.join(pending)} were submitted as SLURM jobs; when they have "
+              "finished, run the same command without --slurm to write the table.")  # fmt: skip
+    else:
         print(f"Results: {os.path.join(output_dir, 'results.md')}")
-
-
-def run_trial_job(cfg, info):
-    """One trial in the tasks of a SLURM job (they join the job's process group)."""
-    setup_console_logging()
-    launch(run_trial, 1, args=(cfg, info))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,15 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--seed", type=int, default=1, help="seed of the first trial")
     r.add_argument("--output-dir", default=None, help="default: transfer/ next to the checkpoint")
-    r.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
-    r.add_argument("--num-machines", type=int, default=1)
-    r.add_argument("--machine-rank", type=int, default=0)
-    r.add_argument("--dist-url", default="auto", help="e.g. tcp://HOST:PORT with several machines")
+    add_launch_arguments(r, slurm=True)
     r.add_argument("--force", action="store_true",
                    help="start again trials begun with another config or weights (the old "
                    "folder is kept beside them); without it that is an error")  # fmt: skip
-    add_launch_arguments(r)
-    add_slurm_arguments(r)
     # Trailing KEY VALUE pairs (detectron2 style) are what parse_known_args leaves over.
     return parser
 
@@ -185,15 +150,13 @@ def main(argv=None) -> int:
     if extra and (args.command != "run" or any(x.startswith("--") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.opts = extra
-    setup_console_logging()
+    setup_logging(None)
     if args.list or getattr(args, "list", False):
         print(benchmark_table())
         return 0
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "dist_timeout", None) is not None:
-        os.environ["INSLOC_DIST_TIMEOUT"] = str(args.dist_timeout)  # read by every launch
     try:
         {"convert": convert, "run": run}[args.command](args)
     except (ConversionError, TransferError, LaunchError) as e:

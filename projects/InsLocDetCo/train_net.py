@@ -32,7 +32,6 @@ from detectron2.utils import comm
 from insloc_detco import add_insloc_detco_config
 from insloc_detco.engine import (
     PretrainTrainer,
-    add_launch_arguments,
     dist_timeout,
     launch,
     log_exceptions,
@@ -43,7 +42,8 @@ from insloc_detco.engine import (
     run_entry_point,
     setup_logging,
 )
-from insloc_detco.engine.slurm import add_slurm_arguments, submit
+from insloc_detco.engine.runs import add_launch_arguments
+from insloc_detco.engine.slurm import submit
 
 logger = logging.getLogger("insloc_detco.train_net")
 
@@ -101,9 +101,8 @@ def job_arguments(args):
 
 
 def build_parser():
-    parser = default_argument_parser()
-    add_launch_arguments(parser)
-    add_slurm_arguments(parser)
+    parser = default_argument_parser()  # detectron2's --num-gpus, --num-machines, ...
+    add_launch_arguments(parser, processes=False, slurm=True)
     return parser
 
 

@@ -13,10 +13,7 @@ step rates come from ``bench_pretrain.measure_step`` in this process; the ratio 
 machines, the img/s do not. On the CPU the default timer is process CPU time on one thread:
 wall time on a shared CPU swings several-fold, and spinning OpenMP threads bill CPU time.
 
-Expected from pixel counts at the paper's sizes: the 9 patches of 64 px add
-9 * 64^2 / 224^2 = 0.73 of a global view to each of the two passes, so ~1.7x. Measured (2-core
-CPU shared with other jobs, batch 4, 224 px + 9 x 64 px): DetCo / MoCo v2 = 1.81 (twice);
-at instant scale (64 px + 9 x 32 px, batch 8): 2.85, MLS only 1.02, GLC only 2.65.
+Measured ratios: ``docs/SPEED.md``.
 """
 import argparse
 import os
@@ -26,7 +23,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_pretrain import load_cfg, measure_loader, measure_step, select_clock  # noqa: E402
+from bench_pretrain import (  # noqa: E402
+    add_timing_arguments,
+    load_cfg,
+    measure_loader,
+    measure_step,
+    select_clock,
+)
 
 
 def moco_v2_like(cfg):
@@ -55,13 +58,7 @@ def variants(cfg, ablations: bool):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", default="instant_test/pretrain_detco.yaml")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default=None,
-        help="step timer; default: cpu (process CPU time) on the CPU, wall on a GPU",
-    )  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs, best kept")
+    add_timing_arguments(parser, iters=5, repeats=3)
     parser.add_argument("--ablations", action="store_true", help="also time MLS-/GLC-only")
     parser.add_argument("--no-loader", action="store_true", help="skip the loader comparison")
     parser.add_argument("opts", nargs=argparse.REMAINDER)

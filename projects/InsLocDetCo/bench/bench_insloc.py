@@ -17,11 +17,7 @@ Ratios travel across machines, img/s do not. On the CPU the timer is process CPU
 torch thread (wall time on a shared CPU swings several-fold); measurements are interleaved and
 the best of ``--repeats`` kept.
 
-Measured (2-core CPU shared with other jobs, CPU-time clock, demo photos, batch 8):
-  256 px (paper configs): step time InsLoc-FPN / MoCo v2 = 1.60, InsLoc-C4 / MoCo v2 = 0.95;
-  mapper throughput vs MoCo v2: "dataset" backgrounds 0.65, "batch" backgrounds 0.94.
-  96 px (instant configs): FPN 1.57, C4 1.22 (the 14x14 RoI is larger than the 6x6 res4 map);
-  mapper: "dataset" 0.44, "batch" 1.02.
+Measured ratios: ``docs/SPEED.md``.
 """
 import argparse
 import itertools
@@ -33,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_pretrain import load_cfg, measure_step, select_clock  # noqa: E402
+from bench_pretrain import add_timing_arguments, load_cfg, measure_step, select_clock  # noqa: E402
 
 from insloc_detco.data import build_pretrain_mapper, get_pretrain_dataset_dicts  # noqa: E402
 
@@ -94,13 +90,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fpn-config", default="instant_test/pretrain_insloc_fpn.yaml")
     parser.add_argument("--c4-config", default="instant_test/pretrain_insloc_c4.yaml")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default=None,
-        help="timer; default: cpu (process CPU time) on the CPU, wall on a GPU",
-    )  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs, best kept")
+    add_timing_arguments(parser, iters=3, repeats=2)
     parser.add_argument("--images", type=int, default=48, help="images per mapper timing")
     parser.add_argument("--no-step", action="store_true", help="skip the training steps")
     parser.add_argument("--no-mapper", action="store_true", help="skip the compositor")

@@ -98,6 +98,17 @@ def select_clock(name, device: str):
     return name, time.perf_counter
 
 
+def add_timing_arguments(parser, iters: int, repeats: int):
+    """The step-timing options the benches share: --device, --iters, --clock, --repeats."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default=None,
+        help="step timer; default: cpu (process CPU time) on the CPU, wall on a GPU",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved runs, best kept")
+
+
 def measure_backbone_step(cfg, iters: int = 5, warmup: int = 2) -> float:
     """Baseline: forward+backward of the backbone alone on one view per image: img/s."""
     model = build_backbone(cfg).to(cfg.MODEL.DEVICE).train()

@@ -19,7 +19,7 @@ and, with ``--finetune-iters N``, Mask R-CNN fine-tuning on ``demo_det`` as
 ``eval_transfer.py``. Every method is read out through the same R50-C4 network (each converts
 to it completely). Results: mean +- std over the seeds.
 
-    python bench/mini_benchmark.py                     # CPU defaults (README table)
+    python bench/mini_benchmark.py                     # CPU defaults (docs/BENCHMARKS.md)
     python bench/mini_benchmark.py --device cuda --jobs 1 --pretrain-iters 2000 \\
         --pretrain-batch 128 --image-size 96 --seeds 5   # the same experiment, larger
 
@@ -27,47 +27,35 @@ Everything goes under ``--output-dir``; re-running skips finished pretraining ru
 readouts. ``--jobs`` runs that many single-threaded runs side by side (CPU), from one queue:
 the longest pretraining runs first, each readout as soon as its checkpoint exists.
 
-The CPU defaults are sized to 60 min on 2 cores (measured on the project's CPU, 2026-11-23, one
-core per run): per pretraining step MoCo v2 1.3 s, InsLoc-C4 1.75 s (3.1 s with the detector's
-14 x 14 RoIAlign), InsLoc-FPN 2.9 s, DetCo 5.2 s (smaller jigsaw patches barely help: 4.6 s
-with 18 px instead of 32); a readout 145 s at 600 cell images, 85 % of it frozen features (about
-half of those in the res5 head: whole images and 9 cell boxes per image). 200 steps would
-take ~82 min.
+Measured times, the table and what it shows: ``docs/BENCHMARKS.md``.
 """
 
-import argparse
+import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import time
+from argparse import ArgumentParser
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, PROJECT_DIR)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# name -> the instant-test recipe (its full-scale parent holds the method); the budget flags
-# below override its size, schedule and data.
-METHODS = {
-    "random": None,
-    "moco_v2": "instant_test/pretrain_moco_v2.yaml",
-    "insloc_c4": "instant_test/pretrain_insloc_c4.yaml",
-    "insloc_fpn": "instant_test/pretrain_insloc_fpn.yaml",
-    "detco": "instant_test/pretrain_detco.yaml",
-}
+import mini_runs  # noqa: E402
+from mini_runs import METHODS, StudyLog, parse_methods  # noqa: E402
+
 COLUMNS = ("Views", "kNN", "Cls", "Loc", "ObjLoc")
-# Seconds per iteration at the defaults on one CPU core (2026-11-23): the scheduling order.
-STEP_COST = {"moco_v2": 1.3, "insloc_c4": 1.8, "insloc_fpn": 2.9, "detco": 5.2}
+# Seconds per pretraining step at the defaults on one CPU core (docs/BENCHMARKS.md): the
+# scheduling order, longest first.
+STEP_COST = {"moco_v2": 1.3, "insloc_c4": 1.75, "insloc_fpn": 2.9, "detco": 5.2}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--seeds", type=int, default=3, help="pretraining seeds per method (1..N)")
     p.add_argument("--pretrain-iters", type=int, default=128,
-                   help="128 x 32 = 4,096 samples: the whole benchmark took 52 min 40 s on 2 "
-                   "CPU cores (see the README)")  # fmt: skip
+                   help="128 x 32 = 4,096 samples (timings: docs/BENCHMARKS.md)")
     p.add_argument("--pretrain-batch", type=int, default=32)
     p.add_argument("--pretrain-lr", type=float, default=0.06)
     p.add_argument("--momentum", type=float, default=0.99,
@@ -97,65 +85,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def log(msg: str, start: float):
-    print(f"[mini_benchmark {time.strftime('%H:%M:%S')} +{time.time() - start:5.0f}s] {msg}",
-          flush=True)  # fmt: skip
-
-
-def _env():
-    # One thread per run: --jobs runs share the cores without oversubscription.
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-
 # ------------------------------------------------------------------------------------------
 # Pretraining
 # ------------------------------------------------------------------------------------------
 def pretrain_command(method: str, seed: int, args, out: str, pool: str):
     s = args.image_size
-    cmd = [
-        sys.executable, "train_net.py", "--config-file", METHODS[method], "--resume",
-        "--num-gpus", str(args.num_gpus),
-        "MODEL.DEVICE", args.device,
-        "DATASETS.TRAIN", f"('folder:{pool}',)",
+    opts = [
         "SEED", str(seed),
-        "SOLVER.MAX_ITER", str(args.pretrain_iters),
-        "SOLVER.IMS_PER_BATCH", str(args.pretrain_batch),
-        "SOLVER.BASE_LR", str(args.pretrain_lr),
         "SOLVER.WARMUP_ITERS", str(max(1, args.pretrain_iters // 20)),
-        "SOLVER.CHECKPOINT_PERIOD", str(args.pretrain_iters),  # the final checkpoint only
-        "SOLVER.LOG_PERIOD", "10",
-        "MODEL.CONTRAST.QUEUE_SIZE", str(args.queue_size),
         "MODEL.CONTRAST.MOMENTUM", str(args.momentum),
         "MODEL.CONTRAST.MLP_NORM", args.mlp_norm,
         "MODEL.CONTRAST.MLP_HIDDEN_DIM", "2048",
-        "DATALOADER.NUM_WORKERS", "1",
-        "OUTPUT_DIR", out,
     ]  # fmt: skip
     if method == "insloc_c4":
-        cmd += ["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", str(args.roi_pooler)]
+        opts += ["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", str(args.roi_pooler)]
     if method.startswith("insloc"):
-        cmd += ["INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE", str(s),
-                "INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE", f"({s // 2}, {s - 1})"]  # fmt: skip
+        opts += ["INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE", str(s),
+                 "INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE", f"({s // 2}, {s - 1})"]  # fmt: skip
     else:
-        cmd += ["INPUT.PRETRAIN.CROP_SIZE", str(s)]
-    return cmd
+        opts += ["INPUT.PRETRAIN.CROP_SIZE", str(s)]
+    return mini_runs.pretrain_command(
+        method, out, f"folder:{pool}", args.pretrain_iters, args.pretrain_batch,
+        args.pretrain_lr, args.queue_size, args.device, args.num_gpus,
+        checkpoint_period=args.pretrain_iters, opts=opts,  # the final checkpoint only
+    )  # fmt: skip
 
 
 def pretrain(method: str, seed: int, args, pool: str) -> str:
-    """Run (or find) one pretraining run; returns its final checkpoint."""
+    """Run (or find) one pretraining run (one thread); returns its final checkpoint."""
     out = os.path.abspath(os.path.join(args.output_dir, "pretrain", f"{method}_seed{seed}"))
-    final = os.path.join(out, "model_final.pth")
-    if os.path.isfile(final):
-        return final
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "stdout.txt"), "a") as f:
-        proc = subprocess.run(pretrain_command(method, seed, args, out, pool), cwd=PROJECT_DIR,
-                              env=_env(), stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
-    if proc.returncode != 0:
-        with open(os.path.join(out, "stdout.txt")) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"pretraining {method} seed {seed} failed ({out}/stdout.txt):\n{tail}")
-    return final
+    cmd = pretrain_command(method, seed, args, out, pool)
+    return mini_runs.pretrain(cmd, out, f"pretraining {method} seed {seed}", threads=1)
 
 
 def pretext_summary(run_dir: str, queue_size: int) -> dict:
@@ -186,57 +146,70 @@ def pretext_summary(run_dir: str, queue_size: int) -> dict:
 # ------------------------------------------------------------------------------------------
 # Readouts (in worker processes, one thread each)
 # ------------------------------------------------------------------------------------------
+def _features(encoder, train, val, cells_images: int, transform, boxes):
+    """One frozen-feature pass per image: the first ``cells_images`` training images with their
+    cell boxes, then the rest; the val images with their cell boxes.
+    Returns (cells' training features, all training features, val features)."""
+    import torch
+
+    from insloc_detco.readout.features import extract_features
+
+    cells = extract_features(encoder, train[:cells_images], transform, ("res5",), boxes,
+                             num_workers=0)  # fmt: skip
+    rest = extract_features(encoder, train[cells_images:], transform, ("res5",), num_workers=0)
+    every = {
+        "index": torch.cat([cells["index"], rest["index"] + len(cells["index"])]),
+        "res5": torch.cat([cells["res5"], rest.get("res5", cells["res5"][:0])]),
+    }
+    val_features = extract_features(encoder, val, transform, ("res5",), boxes, num_workers=0)
+    return cells, every, val_features
+
+
 def readout_model(
     weights: str, seed: int, cells_images: int, pooler: int, precise_bn: int, view_size: int,
     device: str,
 ) -> dict:  # fmt: skip
-    """Views, kNN, Cls, Loc and ObjLoc of one checkpoint (or random init with ``seed``); the
-    views at ``view_size``, the pretraining's view side."""
+    """Views, kNN, Cls, Loc and ObjLoc of one checkpoint (or random init with ``seed``), by the
+    readout protocols' functions on one feature extraction; the views at ``view_size``, the
+    pretraining's view side."""
     import torch
     from detectron2.data import MetadataCatalog
 
     torch.set_num_threads(1)
-    from insloc_detco.readout.datasets import class_labels, get_readout_dataset
+    from insloc_detco.readout.datasets import get_readout_dataset
     from insloc_detco.readout.encoder import build_readout_encoder
-    from insloc_detco.readout.features import eval_transform, extract_features, image_batches
-    from insloc_detco.readout.knn import knn_accuracy
-    from insloc_detco.readout.linear import LinearRecipe, linear_probe
-    from insloc_detco.readout.localization import (
-        grid_boxes,
-        localization_probe,
-        object_cell_probe,
-        object_cells,
+    from insloc_detco.readout.features import eval_transform, image_batches
+    from insloc_detco.readout.linear import LinearRecipe
+    from insloc_detco.readout.localization import grid_boxes
+    from insloc_detco.readout.protocols import (
+        ReadoutData,
+        cell_metrics,
+        knn_metrics,
+        linear_metrics,
     )
     from insloc_detco.readout.views import view_retrieval
 
     train, classes = get_readout_dataset("demo_cls_train")
     val, _ = get_readout_dataset("demo_cls_val")
+    size = MetadataCatalog.get("demo_cls_train").image_size
+    data = ReadoutData(train, val, classes, size, size)
     opts = ["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", str(pooler)]
     encoder, report = build_readout_encoder(weights, "c4", device, seed, opts)
-    size = MetadataCatalog.get("demo_cls_train").image_size
-    tf, boxes = eval_transform(size, size), grid_boxes(size, size, 3)
+    tf = eval_transform(size, size)
     start = time.process_time()
     if precise_bn > 0:
         encoder.recompute_bn_statistics(image_batches(train[:precise_bn], tf, 64))
-    # One pass per image: the first ``cells_images`` with their cell boxes, then the rest.
-    cells = train[:cells_images]
-    f_trc = extract_features(encoder, cells, tf, ("res5",), boxes, num_workers=0)
-    f_rest = extract_features(encoder, train[cells_images:], tf, ("res5",), num_workers=0)
-    f_tr = {"res5": torch.cat([f_trc["res5"], f_rest.get("res5", f_trc["res5"][:0])])}
-    f_va = extract_features(encoder, val, tf, ("res5",), boxes, num_workers=0)
-    y_tr, y_va = torch.as_tensor(class_labels(train)), torch.as_tensor(class_labels(val))
+    f_cells, f_train, f_val = _features(encoder, train, val, cells_images, tf,
+                                        grid_boxes(size, size, 3))  # fmt: skip
     # Cached features: standardised, so one learning rate fits random and pretrained features.
     recipe = LinearRecipe(normalize="standardize", seed=seed)
     out = {
         "Views": view_retrieval(encoder, val, view_size, ("res5",))["top1_res5"],
-        "kNN": knn_accuracy(f_tr["res5"], y_tr, f_va["res5"], y_va, len(classes), (20,))[
-            "top1@k20"
-        ],
-        "Cls": linear_probe(f_tr["res5"], y_tr, f_va["res5"], y_va, len(classes), recipe)["top1"],
+        "kNN": knn_metrics(f_train, f_val, data, (20,), 0.07, encoder.device)["top1@k20"],
+        "Cls": linear_metrics(f_train, f_val, data, recipe)["top1"],
     }
-    out.update(localization_probe(f_trc["boxes"], f_va["boxes"], 9, recipe))
-    out.update(object_cell_probe(f_trc["boxes"], object_cells(cells, size, size), f_va["boxes"],
-                                 object_cells(val, size, size), 9, recipe))  # fmt: skip
+    cells = dataclasses.replace(data, train=train[:cells_images])
+    out.update(cell_metrics(f_cells, f_val, cells, 3, recipe))
     return {"metrics": out, "weights_loaded": report.summary(),
             "cpu_s": round(time.process_time() - start, 1)}  # fmt: skip
 
@@ -245,31 +218,18 @@ def readout_model(
 # Detection fine-tune (optional)
 # ------------------------------------------------------------------------------------------
 def finetune(method: str, seed: int, weights: str, args) -> dict:
+    """AP and friends (means) of one fine-tuning trial of ``weights``, seed ``seed``."""
     out = os.path.abspath(os.path.join(args.output_dir, "finetune", f"{method}_seed{seed}"))
-    os.makedirs(out, exist_ok=True)
-    it = args.finetune_iters
-    cmd = [
-        sys.executable, "eval_transfer.py", "run", weights, "--benchmark", "demo_coco_fpn",
-        "--trials", "1", "--seed", str(seed), "--output-dir", out,
-        "--num-gpus", str(args.num_gpus), "MODEL.DEVICE", args.device,
-        "SOLVER.MAX_ITER", str(it), "SOLVER.STEPS", f"({int(it * 0.75)},)",
-        "SOLVER.WARMUP_ITERS", str(max(1, it // 10)), "SOLVER.IMS_PER_BATCH", "4",
-        "SOLVER.BASE_LR", "0.02",
-    ]  # fmt: skip
-    with open(os.path.join(out, "stdout.txt"), "a") as f:
-        proc = subprocess.run(cmd, cwd=PROJECT_DIR, env=_env(), stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fine-tuning {method} seed {seed} failed; see {out}/stdout.txt")
-    with open(os.path.join(out, "results.json")) as f:
-        summary = json.load(f)["demo_coco_fpn"]["summary"]
-    return {k: v["mean"] for k, v in summary.items()}
+    result = mini_runs.finetune(weights, out, args.finetune_iters, 4, 0.02, 1, seed, args.device,
+                                args.num_gpus, threads=1)  # fmt: skip
+    return {k: v["mean"] for k, v in result["summary"].items()}
 
 
 # ------------------------------------------------------------------------------------------
 # Table
 # ------------------------------------------------------------------------------------------
 def summarize(runs: dict, columns) -> dict:
-    from insloc_detco.transfer.results import mean_std
+    from insloc_detco.engine.runs import mean_std
 
     out = {}
     for method, seeds in runs.items():
@@ -285,46 +245,25 @@ def summarize(runs: dict, columns) -> dict:
     return out
 
 
-def table(summary: dict, columns, seeds: int) -> str:
-    from insloc_detco.transfer.results import format_mean_std
-
-    cols = list(columns) + ["pretext top-1"]
-    lines = ["| pretraining | " + " | ".join(cols) + " | seeds |",
-             "|---" * (len(cols) + 2) + "|"]  # fmt: skip
-    for method, s in summary.items():
-        cells = [format_mean_std(s.get(c)) for c in cols]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {seeds} |")
-    return "\n".join(lines)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"Unknown method(s) {unknown}; choose from {list(METHODS)}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    start = time.time()
-
-    from insloc_detco.readout.demo_cls import demo_cls_root, ensure_demo_cls
-
-    root = ensure_demo_cls(demo_cls_root())
-    pool = os.path.join(root, "train")  # the labelled set's training images, labels unused
+# ------------------------------------------------------------------------------------------
+# The study
+# ------------------------------------------------------------------------------------------
+def read_out_all(methods, args, pool: str, previous: dict, log: StudyLog) -> dict:
+    """
+    Pretrain every (method, seed) and read every checkpoint out, reusing the readouts in
+    ``previous`` (the runs of an earlier results.json) computed with the same settings.
+    Returns method -> seed -> {"metrics", "weights", "readout", "pretext", ...}.
+    """
     seeds = list(range(1, args.seeds + 1))
-    log(f"pretraining pool {pool}; methods {methods}; seeds {seeds}", start)
-
-    results_path = os.path.join(args.output_dir, "results.json")
-    previous = json.load(open(results_path)).get("runs", {}) if os.path.isfile(results_path) else {}
     # What a cached readout must have been computed with (readout_model's arguments in order).
-    readout_settings = {"cells_images": args.readout_cells_images, "roi_pooler": args.roi_pooler,
-                        "precise_bn": args.precise_bn, "view_size": args.image_size}  # fmt: skip
-    readout_args = (*readout_settings.values(), args.device)
+    settings = {"cells_images": args.readout_cells_images, "roi_pooler": args.roi_pooler,
+                "precise_bn": args.precise_bn, "view_size": args.image_size}  # fmt: skip
     runs = {m: {} for m in methods}
 
-    def cached_readout(m, s, ckpt):
+    def cached(m, s, ckpt):
         done = previous.get(m, {}).get(str(s))
         if (done and set(COLUMNS) <= set(done.get("metrics", {})) and done.get("weights") == ckpt
-                and done.get("readout") == readout_settings):  # fmt: skip
+                and done.get("readout") == settings):  # fmt: skip
             return done
         return None
 
@@ -334,48 +273,65 @@ def main(argv=None):
     # changes no number.
     order = sorted((m for m in methods if METHODS[m]), key=lambda m: -STEP_COST[m])
     with ProcessPoolExecutor(max_workers=args.jobs) as ex:
+
+        def read_out(m, s, ckpt):
+            fut = ex.submit(readout_model, ckpt, s, *settings.values(), args.device)
+            pending[fut] = ("readout", m, s, ckpt)
+
         pending = {ex.submit(pretrain, m, s, args, pool): ("pretrain", m, s, None)
                    for m in order for s in seeds}  # fmt: skip
         for m in (m for m in methods if not METHODS[m]):
             for s in seeds:
-                done = cached_readout(m, s, "random")
+                done = cached(m, s, "random")
                 if done:
                     runs[m][str(s)] = done
                 else:
-                    pending[ex.submit(readout_model, "random", s, *readout_args)] = (
-                        "readout", m, s, "random")  # fmt: skip
+                    read_out(m, s, "random")
         while pending:
             fut = next(as_completed(pending))
             kind, m, s, ckpt = pending.pop(fut)
             result = fut.result()
             if kind == "pretrain":
-                log(f"{m} seed {s}: pretrained ({result})", start)
-                done = cached_readout(m, s, result)
+                log(f"{m} seed {s}: pretrained ({result})")
+                done = cached(m, s, result)
                 if done is None:
-                    pending[ex.submit(readout_model, result, s, *readout_args)] = (
-                        "readout", m, s, result)
+                    read_out(m, s, result)
                     continue
                 result, ckpt = done, result
-            result.update(weights=ckpt, readout=readout_settings)
+            result.update(weights=ckpt, readout=settings)
             if ckpt != "random":
                 result["pretext"] = pretext_summary(os.path.dirname(ckpt), args.queue_size)
             runs[m][str(s)] = result
-            log(f"{m} seed {s}: {result['metrics']}", start)
-    runs = {m: dict(sorted(r.items(), key=lambda kv: int(kv[0]))) for m, r in runs.items()}
-    checkpoints = {(m, int(s)): r["weights"] for m in runs for s, r in runs[m].items()}
+            log(f"{m} seed {s}: {result['metrics']}")
+    return {m: dict(sorted(r.items(), key=lambda kv: int(kv[0]))) for m, r in runs.items()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    methods = parse_methods(args.methods)
+    os.makedirs(args.output_dir, exist_ok=True)
+    log = StudyLog("mini_benchmark")
+
+    from insloc_detco.readout.demo_cls import demo_cls_root, ensure_demo_cls
+
+    root = ensure_demo_cls(demo_cls_root())
+    pool = os.path.join(root, "train")  # the labelled set's training images, labels unused
+    log(f"pretraining pool {pool}; methods {methods}; seeds {list(range(1, args.seeds + 1))}")
+    results_path = os.path.join(args.output_dir, "results.json")
+    previous = json.load(open(results_path)).get("runs", {}) if os.path.isfile(results_path) else {}
+    runs = read_out_all(methods, args, pool, previous, log)
+    columns = COLUMNS
     if args.finetune_iters > 0:
-        for (m, s), ckpt in checkpoints.items():
-            runs[m][str(s)]["metrics"].update(finetune(m, s, ckpt, args))
-    columns = COLUMNS + (("AP", "AP50") if args.finetune_iters > 0 else ())
+        for m, by_seed in runs.items():
+            for s, r in by_seed.items():
+                r["metrics"].update(finetune(m, int(s), r["weights"], args))
+        columns += ("AP", "AP50")
     summary = summarize(runs, columns)
-    md = table(summary, columns, args.seeds)
-    wall = round(time.time() - start)
-    with open(results_path, "w") as f:
-        json.dump({"settings": vars(args), "runs": runs, "summary": summary, "wall_s": wall}, f,
-                  indent=2)  # fmt: skip
-    with open(os.path.join(args.output_dir, "mini_benchmark.md"), "w") as f:
-        f.write(md + "\n\n" + json.dumps(vars(args)) + f"\nwall {wall} s\n")
-    log(f"finished in {wall} s\n{md}", start)
+    md = mini_runs.table(summary, list(columns) + ["pretext top-1"], {m: args.seeds for m in runs})
+    wall = log.wall()
+    mini_runs.write_study(args.output_dir, "mini_benchmark", md, vars(args), wall, runs=runs,
+                          summary=summary)  # fmt: skip
+    log(f"finished in {wall} s\n{md}")
 
 
 if __name__ == "__main__":

@@ -28,26 +28,21 @@ def add_insloc_detco_config(cfg):
     _C.MODEL.CONTRAST.MOMENTUM = 0.999
     # Hidden width of the 2-layer projection MLP on res5 features (MoCo v2: 2048).
     _C.MODEL.CONTRAST.MLP_HIDDEN_DIM = 2048
-    # Normalisation after the first layer of every projection MLP: "" (none: MoCo v2, InsLoc
-    # and DetCo as published) or "BN" (BatchNorm1d, as SimCLR / MoCo v3 heads). Short
-    # schedules need "BN": without it the embeddings of all images crowd into a narrow cone
-    # whose direction drifts, and the contrastive accuracy rises by recognising the freshest
-    # keys instead of the instance while the loss climbs to ln(K + 1) (README, mini benchmark).
+    # Norm after the first layer of every projection MLP: "" (the papers) or "BN" (SimCLR /
+    # MoCo v3 heads; short schedules collapse without it: docs/BENCHMARKS.md).
     _C.MODEL.CONTRAST.MLP_NORM = ""
     # Shuffle-BN: encode keys on a random permutation of the global batch so that BatchNorm
     # statistics cannot leak the positive pair (MoCo Sec. 3.3).
     _C.MODEL.CONTRAST.SHUFFLE_BN = True
-    # With a single process there is no other rank to shuffle to: the key batch is permuted
-    # and encoded in this many chunks, each with its own BN statistics (split-batch emulation).
-    # 1 disables the emulation.
+    # One process: encode the permuted key batch in this many chunks, each with its own BN
+    # statistics (split-batch emulation of shuffle-BN; 1 = plain encoding).
     _C.MODEL.CONTRAST.SINGLE_PROCESS_BN_SPLITS = 2
 
     # ---------------------------------------------------------------------------------------
     # InsLoc (instance localization).
     # ---------------------------------------------------------------------------------------
     _C.MODEL.INSLOC = CN()
-    # Feature maps the box is pooled from. FPN: all of p2..p5 (no size-based level assignment);
-    # C4: res4.
+    # Feature maps the box is pooled from: FPN all of p2..p5 (no level assignment); C4 res4.
     _C.MODEL.INSLOC.IN_FEATURES = ["p2", "p3", "p4", "p5"]
     # Per-level loss weights, same order as IN_FEATURES (paper: sum over levels, all 1).
     _C.MODEL.INSLOC.LEVEL_LOSS_WEIGHTS = [1.0, 1.0, 1.0, 1.0]
@@ -83,14 +78,12 @@ def add_insloc_detco_config(cfg):
     _C.MODEL.DETCO.MULTI_LEVEL = True
     # Global-local contrast (L_l<->l and L_l->g); False -> only L_g<->g.
     _C.MODEL.DETCO.GLOBAL_LOCAL = True
-    # Weights of the three terms in each stage: L_g<->g, L_l<->l, L_l->g (Eq. 1: all 1). Each
-    # term is one-way, as Eqs. 2, 4, 5 write it (query side vs key side; not symmetrised).
+    # Weights of each stage's terms L_g<->g, L_l<->l, L_l->g (Eq. 1: all 1; one-way, Eqs. 2/4/5).
     _C.MODEL.DETCO.TERM_WEIGHTS = [1.0, 1.0, 1.0]
-    # Hidden width of the global head mlp^i_q (avgpool -> C -> 128), as a multiple of the
-    # stage's channels C_i (1 -> MoCo v2's 2048 at res5; Sec. 3.1: heads "same as MoCo v2").
+    # Hidden width of the global head mlp^i_q as a multiple of C_i (1: MoCo v2's, Sec. 3.1).
     _C.MODEL.DETCO.GLOBAL_HIDDEN_MULT = 1
-    # Hidden width of the local head mlp_local (9 C_i -> hidden -> 128), as a multiple of C_i
-    # (choice: 1 -> C_i; the paper does not give it).
+    # Hidden width of the local head mlp_local (9 C_i -> hidden -> 128) as a multiple of C_i
+    # (our choice: the paper does not give it).
     _C.MODEL.DETCO.LOCAL_HIDDEN_MULT = 1
 
     # ---------------------------------------------------------------------------------------
@@ -115,35 +108,21 @@ def add_insloc_detco_config(cfg):
     _C.INPUT.PRETRAIN.BLUR_PROB = 0.5
     _C.INPUT.PRETRAIN.BLUR_KERNEL_FRAC = 0.1
     _C.INPUT.PRETRAIN.FLIP_PROB = 0.5
-    # Where the photometric part of a view (colour jitter, grayscale, blur, flip, RandAugment)
-    # runs: "loader" (per view, in the loader workers), "device" (per batch, on the training
-    # device, in the model's preprocess), or "auto" (device when MODEL.DEVICE is CUDA, else
-    # loader). The same code runs in both places (data/augmentation.py).
+    # Where the photometric part of a view runs (one definition, data/augmentation.py):
+    # "loader" (workers), "device" (the model's preprocess), "auto" (device on CUDA).
     _C.INPUT.PRETRAIN.AUGMENT_ON = "auto"
-    # Where JPEGs are decoded and the views cut: "loader" (in the loader workers, every
-    # format), "device" (the workers read only the file's bytes and header and draw the crop
-    # boxes; the training device decodes the batch, batched nvjpeg on CUDA, and cuts the views;
-    # needs the photometric part on the device; MoCo v2 and DetCo only; formats and JPEGs the
-    # device does not take are decoded in the loader), or "auto" (device on CUDA where that is
-    # possible, else loader). docs/SPEED.md has the measurements behind the default.
+    # Where JPEGs are decoded and cut: "loader", "device" (workers ship bytes and crop boxes;
+    # MoCo v2 and DetCo; data/device_decode.py) or "auto" (device on CUDA where possible).
     _C.INPUT.PRETRAIN.DECODE_ON = "loader"
     # Images whose shorter side is below this many pixels are skipped (and counted).
     _C.INPUT.PRETRAIN.MIN_IMAGE_SIZE = 16
     # Decoded images are first resized so that the shorter side is at most this (0: never).
-    # Saves work on very large photos; ImageNet images are already below it.
     _C.INPUT.PRETRAIN.MAX_DECODE_SIZE = 0
-    # Images that would decode to more pixels (width x height from the header, after the JPEG
-    # draft reduction of MAX_DECODE_SIZE) are skipped and counted, before decoding, whatever
-    # their format (0: no cap). The default is Pillow's own decompression-bomb threshold, written
-    # out so that it does not depend on the process-wide PIL.Image.MAX_IMAGE_PIXELS: at most
-    # 268 MB of RGB per decode, and room for any camera photo up to 89 MP (COCO images are at
-    # most 640 px a side; ImageNet and OpenImages hold ordinary camera photos). Pillow itself
-    # refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS, whatever this says (that skip says so).
+    # Images of more pixels (read from the header, before decoding) are skipped and counted
+    # (0: no cap). Default: Pillow's decompression-bomb threshold, written out.
     _C.INPUT.PRETRAIN.MAX_IMAGE_PIXELS = 89_478_485
-    # Abort when the first this-many images a loader worker tries are all unreadable (nothing
-    # can be read: the data, not a few files, is broken), or when every file of the data set
-    # has been found unreadable. After one good image, failures are only skipped and counted.
-    # A corpus with a readable fraction f aborts by chance with probability (1 - f)^N.
+    # Abort when a loader worker's first this-many images are all unreadable, or every file is;
+    # after one good image, failures are only skipped and counted.
     _C.INPUT.PRETRAIN.MAX_CONSECUTIVE_FAILURES = 1000
 
     # InsLoc copy-paste compositor.
@@ -155,16 +134,16 @@ def add_insloc_detco_config(cfg):
     _C.INPUT.PRETRAIN.COPY_PASTE.CROP_RATIO = (0.5, 2.0)
     # The crop is rescaled, keeping its aspect, to fit a random (w, h) with w, h in [lo, hi).
     _C.INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE = (128, 255)
-    # Where backgrounds come from: "dataset" (a random image per view: 3 decodes per sample)
-    # or "batch" (other decoded images of the same batch, no extra decode).
+    # Backgrounds: "dataset" (a random image per view, as the reference) or "batch" (other
+    # images of the same batch: no extra decode).
     _C.INPUT.PRETRAIN.COPY_PASTE.BACKGROUND = "dataset"
 
     # DetCo jigsaw local views.
     _C.INPUT.PRETRAIN.JIGSAW = CN()
     # Minimum area fraction of the random crop that is cut into the puzzle.
     _C.INPUT.PRETRAIN.JIGSAW.CROP_SCALE = (0.6, 1.0)
-    # The crop is resized to GRID x CELL_SIZE square, cut into GRID x GRID cells, and a
-    # PATCH_SIZE square is cropped at random inside every cell.
+    # The crop is resized to (GRID x CELL_SIZE)^2, cut into GRID x GRID cells, and a random
+    # PATCH_SIZE square is taken inside every cell.
     _C.INPUT.PRETRAIN.JIGSAW.GRID = 3
     _C.INPUT.PRETRAIN.JIGSAW.CELL_SIZE = 85
     _C.INPUT.PRETRAIN.JIGSAW.PATCH_SIZE = 64
@@ -175,37 +154,35 @@ def add_insloc_detco_config(cfg):
     # ---------------------------------------------------------------------------------------
     # Speed on the training device.
     # ---------------------------------------------------------------------------------------
-    # Keep the model and its input batches in NHWC ("channels last") memory format on CUDA
-    # (ignored on the CPU): cuDNN runs the convolutions without layout transposes. Measured on
-    # one H100, MoCo v2 at batch 64: +18% img/s in fp32/TF32, +24% under bf16 autocast
-    # (README, "Speed").
+    # NHWC ("channels last") model and batches on CUDA (ignored on the CPU; docs/SPEED.md).
     _C.MODEL.CHANNELS_LAST = True
+    # The training step's fast path (torch.compile, CUDA graphs, fused SGD; engine/fast_path.py):
+    # "on", "off" (eager), or "auto" (on CUDA only). Both run the same step definition.
+    _C.MODEL.FAST_PATH = CN()
+    _C.MODEL.FAST_PATH.ENABLED = "auto"
+    # torch.compile backend: "inductor" (fused kernels) or e.g. "aot_eager" (traced, run eagerly).
+    _C.MODEL.FAST_PATH.BACKEND = "inductor"
+    # torch.compile mode, or "auto": "reduce-overhead" (CUDA graphs) on CUDA, else "default".
+    _C.MODEL.FAST_PATH.COMPILE_MODE = "auto"
     # Autocast dtype of SOLVER.AMP.ENABLED: "bfloat16", "float16", or "auto" (bfloat16 where
-    # the GPU supports it, else float16). bfloat16 needs no loss scaling (no GradScaler, whose
-    # overflow check synchronises the GPU every step).
+    # supported: it needs no GradScaler).
     _C.SOLVER.AMP.PRECISION = "auto"
 
-    # Intra-op threads (torch.set_num_threads) of each training process; 0 = auto: on CUDA, the
-    # machine's cores left over by the loader workers of all local processes (at least 1); on
-    # the CPU, the cores divided among the local processes. A user's OMP_NUM_THREADS is kept
-    # when this is 0. Loader workers always run one thread each (PyTorch's DataLoader rule).
+    # Intra-op threads of each training process; 0 = auto (OMP_NUM_THREADS if set, else the
+    # cores its loader workers leave on CUDA, or its share of the cores on the CPU).
     _C.DATALOADER.MAIN_PROCESS_THREADS = 0
 
     # ---------------------------------------------------------------------------------------
     # Schedule.
     # ---------------------------------------------------------------------------------------
-    # When > 0, SOLVER.MAX_ITER is derived as ceil(EPOCHS * len(train set) / IMS_PER_BATCH)
-    # (before REFERENCE_WORLD_SIZE scaling), so configs can state epochs as the papers do.
+    # > 0: MAX_ITER = ceil(EPOCHS * len(train set) / IMS_PER_BATCH), before world-size scaling.
     _C.SOLVER.EPOCHS = 0
     # Iterations between console / metrics.json / TensorBoard writes.
     _C.SOLVER.LOG_PERIOD = 20
     # Write a loss / accuracy curve PNG from metrics.json at every checkpoint and at the end.
     _C.SOLVER.PLOT_CURVES = True
-    # Periodic checkpoints (model_<iter>.pth) kept in OUTPUT_DIR: after each one is written,
-    # all but this many newest are deleted; model_final.pth is always kept. 0 keeps all
-    # (a DetCo checkpoint is ~1.2 GB: one per epoch for 200 epochs would be ~240 GB).
+    # Newest periodic checkpoints kept in OUTPUT_DIR (model_final.pth always; 0 keeps all).
     _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = DEFAULT_MAX_TO_KEEP
-    # BASE_LR is the config file's lr for the config file's IMS_PER_BATCH: when the command
-    # line changes SOLVER.IMS_PER_BATCH without setting SOLVER.BASE_LR, scale BASE_LR linearly
-    # with the batch (engine/lr_scaling.py). False keeps the config file's BASE_LR.
+    # Scale BASE_LR linearly when the command line changes IMS_PER_BATCH but not BASE_LR
+    # (engine/lr_scaling.py); False keeps the config file's BASE_LR.
     _C.SOLVER.SCALE_LR_WITH_BATCH = True

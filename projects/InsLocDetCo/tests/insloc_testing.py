@@ -1,7 +1,11 @@
 """Helpers shared by the tests."""
+import contextlib
 import os
 import subprocess
 import sys
+from typing import Iterable
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from insloc_detco.engine import launch
 
@@ -21,3 +25,15 @@ def run_train_net(*argv, timeout=600):
     return subprocess.run(
         cmd, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+@contextlib.contextmanager
+def registered_for_the_test(names: Iterable[str]):
+    """Remove the data sets ``names`` from detectron2's catalogs when the block ends, so that a
+    test's registrations (e.g. under a temporary root) do not outlive it."""
+    try:
+        yield
+    finally:
+        for name in names:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)

@@ -9,6 +9,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
+from insloc_testing import registered_for_the_test
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -23,10 +24,9 @@ def cityscapes(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("datasets") / "demo_cityscapes")
     demo_cityscapes.ensure_demo_cityscapes(root)
     demo_cityscapes.register_demo_cityscapes(root, prefix="t_demo_cityscapes")
-    yield root
-    for split in demo_cityscapes.DEMO_CITYSCAPES_SPLITS:
-        DatasetCatalog.remove(f"t_demo_cityscapes_fine_instance_seg_{split}")
-        MetadataCatalog.remove(f"t_demo_cityscapes_fine_instance_seg_{split}")
+    splits = demo_cityscapes.DEMO_CITYSCAPES_SPLITS
+    with registered_for_the_test(f"t_demo_cityscapes_fine_instance_seg_{s}" for s in splits):
+        yield root
 
 
 def _gt_file(image_file: str, kind: str) -> str:

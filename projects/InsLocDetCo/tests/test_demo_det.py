@@ -10,15 +10,13 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
+from insloc_testing import registered_for_the_test
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from insloc_detco.data.datasets import try_register
 from insloc_detco.transfer import demo_det
-from insloc_detco.transfer.subsets import (
-    ensure_subset_registered,
-    register_subset,
-    subset_image_ids,
-)
+from insloc_detco.transfer.subsets import register_subset, subset_image_ids
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +24,10 @@ def demo_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("datasets") / "demo_det")
     demo_det.ensure_demo_det(root)
     demo_det.register_demo_det(root, prefix="t_demo_det")
-    yield root
-    for split in demo_det.DEMO_DET_SPLITS:
-        for fmt in demo_det.DEMO_DET_FORMATS:
-            DatasetCatalog.remove(f"t_demo_det_{fmt}_{split}")
-            MetadataCatalog.remove(f"t_demo_det_{fmt}_{split}")
+    splits, formats = demo_det.DEMO_DET_SPLITS, demo_det.DEMO_DET_FORMATS
+    names = [f"t_demo_det_{f}_{s}" for s in splits for f in formats]
+    with registered_for_the_test(names):
+        yield root
 
 
 def _polygon_mask(polygons, h, w):
@@ -257,10 +254,10 @@ def test_registered_subsets(demo_root):
     assert meta.evaluator_type == "coco" and meta.subset_of == "t_demo_det_coco_train"
     assert not hasattr(meta, "json_file")  # the whole set's json does not describe the subset
     # Names with a seed resolve on first use; the split depends on it.
-    assert ensure_subset_registered("t_demo_det_coco_train_25pct_seed4")
+    assert try_register("t_demo_det_coco_train_25pct_seed4")
     other = DatasetCatalog.get("t_demo_det_coco_train_25pct_seed4")
     assert {r["image_id"] for r in other} != {r["image_id"] for r in sub}
-    assert not ensure_subset_registered("no_such_set_10pct")
+    assert not try_register("no_such_set_10pct")
     # COCO's builtin subsets exist without loading COCO.
     for pct in (1, 2, 5, 10):
         assert f"coco_2017_train_{pct}pct" in DatasetCatalog.list()

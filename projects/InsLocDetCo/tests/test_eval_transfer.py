@@ -22,13 +22,13 @@ from detectron2.utils.events import EventStorage
 from insloc_testing import run_train_net
 from torch import nn
 
+from insloc_detco.engine.runs import RANDOM_INIT, Launch
 from insloc_detco.transfer import demo_det, load_transfer_config
 from insloc_detco.transfer.benchmarks import BENCHMARKS, PROTOCOLS
 from insloc_detco.transfer.converter import detector_resnet_keys, target_of_config
 from insloc_detco.transfer.evaluators import evaluation_problems
 from insloc_detco.transfer.results import COLUMNS
 from insloc_detco.transfer.runner import (
-    RANDOM_INIT,
     TransferError,
     check_weights,
     detector_state,
@@ -465,7 +465,7 @@ def test_random_init_on_two_processes(tmp_path):
     out = str(tmp_path / "two")
     opts = ["SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(1,)"]
     results = run_benchmarks(
-        "random", [BENCHMARKS["demo_voc_c4"]], out, trials=1, opts=opts, num_gpus=2
+        "random", [BENCHMARKS["demo_voc_c4"]], out, trials=1, opts=opts, launch=Launch(num_gpus=2)
     )
     r = results["demo_voc_c4"]
     assert r["weights"] == "random" and len(r["trials"]) == 1

@@ -7,7 +7,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import EventStorage
 
-from insloc_detco.modeling.box_aug import AnchorBoxAugmentation
+from insloc_detco.data.box_aug import AnchorBoxAugmentation
 
 S, N = 64, 4  # tiny canvases and batch
 BOX_HEAD_TRANSFERRED = ("conv1", "conv2", "conv3", "conv4", "fc1")
@@ -35,15 +35,24 @@ def random_boxes(n, size=S, generator=None):
     return torch.cat([xy, xy + wh], dim=1)
 
 
+# The tiny configs' box augmentation, as the loader (CopyPasteMapper) applies it.
+TINY_BOX_AUG = AnchorBoxAugmentation(
+    stride=16, sizes=[8, 16, 32, 64], aspect_ratios=[0.5, 0.75, 1.0, 1.5, 2.0]
+)
+
+
 def random_batch(n=N, seed=0):
     g = torch.Generator().manual_seed(seed)
     boxes_q, boxes_k = random_boxes(n, generator=g), random_boxes(n, generator=g)
+    torch.manual_seed(seed)
+    box_q_aug = TINY_BOX_AUG.for_both_flips(boxes_q, (S, S))
     return [
         {
             "view_q": torch.randint(0, 256, (3, S, S), dtype=torch.uint8, generator=g),
             "view_k": torch.randint(0, 256, (3, S, S), dtype=torch.uint8, generator=g),
             "box_q": boxes_q[i],
             "box_k": boxes_k[i],
+            "box_q_aug": box_q_aug[i],
         }
         for i in range(n)
     ]

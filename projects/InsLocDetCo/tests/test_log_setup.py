@@ -18,6 +18,10 @@ def logs(tmp_path):
     """setup_logging into tmp_path; the handlers it added are removed afterwards."""
     names = ("detectron2", "fvcore", "insloc_detco", "py.warnings")
     before = {n: list(logging.getLogger(n).handlers) for n in names}
+    # An entry script's main() run in this process by an earlier test (eval_readout.py,
+    # eval_transfer.py) captured warnings inside pytest's own capture, which has since put
+    # its showwarning back: start from no capture, as a fresh process does.
+    logging.captureWarnings(False)
     yield str(tmp_path)
     logging.captureWarnings(False)
     for n in names:

@@ -233,11 +233,16 @@ def test_eval_readout_every_protocol(tiny_cls, moco, tmp_path, capsys):
         md = f.read()
     for section in ("### knn", "### linear", "### loc", "### svm", "### views"):
         assert section in md
+    # SVM: the all-point mAP first, the 11-point one beside it, labelled; loc's Cls labelled.
+    assert "| res4 mAP | res5 mAP | res4 mAP11 | res5 mAP11 |" in md and "all-point" in md
+    assert "| Loc | ObjLoc | Cls (cached) |" in md and "MoCo's augmented linear protocol" in md
     # One comparison table: a row per weights file, chance levels (8 classes, 9 cells) last.
     capsys.readouterr()
     assert main(["table", out]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0] == "| weights | Views res4 | Views res5 | kNN | Cls | linear | Loc | ObjLoc |"
+    assert table[0] == (
+        "| weights | Views res4 | Views res5 | kNN | Cls (cached) | linear | Loc | ObjLoc |"
+    )
     # chance: 1 / 24 validation images, 1 / 8 classes, 1 / 9 cells
     assert table[-1] == "| (chance) | 4.2 | 4.2 | 12.5 | 12.5 | 12.5 | 11.1 | 11.1 |"
     assert any(line.startswith("| random init | ") for line in table)

@@ -18,7 +18,7 @@ mapper calls it on a batch of one view) or on the training device (the model cal
 ``preprocess`` on the whole batch). Both run the same module: switching the placement changes
 where the code runs, not which code exists. Measured choices are in ``bench/bench_augment.py``.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -87,25 +87,47 @@ def apply_crop_box(image: torch.Tensor, box: Sequence[int], size: Sequence[int])
     return TF.resized_crop(image, *box, size=list(size), antialias=True)
 
 
-def _indices(mask: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
-    """Positions of the True entries of a CPU mask, on ``device`` (None if there are none).
+# Columns of the (N, UNIFORMS) uniform draws that encode one sample's parameters (see
+# PhotometricAugmentation.params_from_uniforms).
+_JITTER, _ORDER, _FACTORS, _GRAY, _BLUR, _SIGMA, _FLIP = 0, slice(1, 5), slice(5, 9), 9, 10, 11, 12
+UNIFORMS = 13
 
-    The parameters are drawn on the CPU, so which samples an operation touches is known without
-    asking the GPU (no synchronisation), and only those samples are computed.
+
+def _where(mask: torch.Tensor, changed: torch.Tensor, unchanged: torch.Tensor) -> torch.Tensor:
+    """Per sample: ``changed`` where the (N,) ``mask`` is True, else ``unchanged``."""
+    return torch.where(mask.view(-1, *[1] * (changed.dim() - 1)), changed, unchanged)
+
+
+def _blended_where(
+    mask: torch.Tensor, op: Callable, x: torch.Tensor, blended: bool = False
+) -> torch.Tensor:
     """
-    idx = mask.nonzero().squeeze(1)
-    return idx.to(device, non_blocking=True) if idx.numel() else None
+    ``op`` of the samples that drew it (``mask`` (N,)), the others unchanged: computed on the
+    whole batch and selected per sample, a fixed-shape blend. The step then never asks the
+    device which samples those are (no ``nonzero``, no host sync) and can be compiled and
+    captured once; every sample's numbers are those of the op itself. ``blended``: ``op``
+    already leaves the samples outside ``mask`` unchanged, exactly.
+    """
+    return op(x) if blended else _where(mask, op(x), x)
+
+
+def _skipping_where(
+    mask: torch.Tensor, op: Callable, x: torch.Tensor, blended: bool = False
+) -> torch.Tensor:
+    """:func:`_blended_where` for host masks: an op that no sample drew is not computed."""
+    return _blended_where(mask, op, x, blended) if bool(mask.any()) else x
 
 
 class PhotometricAugmentation(nn.Module):
     """
     MoCo v2's photometric augmentation of a batch of views, parameters drawn per sample.
 
-    ``forward(images, boxes=None)`` draws the parameters (:meth:`sample`, on the CPU from
-    torch's global generator, or ``generator``) and applies them (:meth:`apply`) on the
-    images' device. Loader workers (seeded per sample, from its position in the data stream)
-    and training processes (seeded per rank and iteration, ``engine/resume.py``) therefore
-    never share a stream, and a fixed ``SEED`` reproduces the draws, after a resume too.
+    ``forward(images, boxes=None)`` draws the parameters (:meth:`draw`: uniforms on the
+    images' device from torch's global generator) and applies them (:meth:`transform`). Loader
+    workers (seeded per sample, from its position in the data stream) and training processes
+    (seeded per rank and iteration, ``engine/resume.py``) therefore never share a stream, and a
+    fixed ``SEED`` reproduces the draws, after a resume too. Every op runs on the whole batch
+    and is blended in per sample, so the shapes never depend on the draws.
     """
 
     @configurable
@@ -166,106 +188,156 @@ class PhotometricAugmentation(nn.Module):
     def kernel_size(self, width: int) -> int:
         return blur_kernel_size(width, self.blur_kernel_frac)
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Dict:
-        """
-        Draw the parameters of ``n`` views, on the CPU.
+    def draw(
+        self, n: int, generator: Optional[torch.Generator] = None, device=None
+    ) -> torch.Tensor:
+        """(n, UNIFORMS) uniform draws in [0, 1) that encode the parameters of ``n`` views
+        (:meth:`params_from_uniforms`); one random kernel for the whole batch."""
+        return torch.rand((n, UNIFORMS), generator=generator, device=device)
 
+    def params_from_uniforms(self, u: torch.Tensor) -> Dict:
+        """
+        Args:
+            u: (n, UNIFORMS) from :meth:`draw`.
         Returns:
-            dict of CPU tensors: "jitter" (n,) bool, "order" (n, 4) a permutation of the four
-            jitter ops per sample, "factors" (n, 4) brightness/contrast/saturation factors and
-            hue shift, "gray", "blur", "flip" (n,) bool, "sigma" (n,), and "randaugment" when
-            RandAugment is on.
+            dict of tensors on ``u``'s device: "jitter" (n,) bool, "order" (n, 4) a permutation
+            of the four jitter ops per sample, "factors" (n, 4) brightness/contrast/saturation
+            factors and hue shift, "gray", "blur", "flip" (n,) bool, "sigma" (n,).
         """
-
-        def uniform(*shape):
-            return torch.rand(shape, generator=generator)
-
-        lo, hi = self.jitter_range.cpu().unbind(dim=1)
-        params = {
-            "jitter": uniform(n) < self.color_jitter_prob,
-            "order": uniform(n, 4).argsort(dim=1),  # uniform over the 24 orders
-            "factors": lo + (hi - lo) * uniform(n, 4),
-            "gray": uniform(n) < self.grayscale_prob,
-            "blur": uniform(n) < self.blur_prob,
-            "sigma": self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * uniform(n),
-            "flip": uniform(n) < self.flip_prob,
+        lo, hi = self.jitter_range.to(u).unbind(dim=1)
+        s_lo, s_hi = self.blur_sigma
+        return {
+            "jitter": u[:, _JITTER] < self.color_jitter_prob,
+            "order": u[:, _ORDER].argsort(dim=1),  # uniform over the 24 orders
+            "factors": lo + (hi - lo) * u[:, _FACTORS],
+            "gray": u[:, _GRAY] < self.grayscale_prob,
+            "blur": u[:, _BLUR] < self.blur_prob,
+            "sigma": s_lo + (s_hi - s_lo) * u[:, _SIGMA],
+            "flip": u[:, _FLIP] < self.flip_prob,
         }
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None, device=None) -> Dict:
+        """
+        Draw the parameters of ``n`` views on ``device`` (default the CPU), from torch's
+        global generator or ``generator``: :meth:`params_from_uniforms`, plus "randaugment"
+        (CPU tensors, see :class:`BatchRandAugment`) when RandAugment is on.
+        """
+        params = self.params_from_uniforms(self.draw(n, generator, device))
         if self.randaugment is not None:
             params["randaugment"] = self.randaugment.sample(n, generator)
         return params
 
     def apply(
-        self, images: torch.Tensor, params: Dict, boxes: Optional[torch.Tensor] = None
+        self,
+        images: torch.Tensor,
+        params: Dict,
+        boxes: Optional[torch.Tensor] = None,
+        boxes_if_flipped: Optional[torch.Tensor] = None,
+        skip_undrawn: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """
         Args:
             images: (N, 3, H, W) RGB, uint8 or float in [0, 255].
             params: from :meth:`sample` with the same N.
-            boxes: optional (N, 4) XYXY boxes in pixels, flipped with their image.
+            boxes: optional (N, ..., 4) XYXY boxes in pixels, flipped with their image.
+            boxes_if_flipped: optional, shaped as ``boxes``: the boxes to use (flipped) instead
+                of ``boxes`` for the samples that are flipped (a box that depends on the flip,
+                e.g. InsLoc's query box augmentation drawn in the loader for both outcomes).
+            skip_undrawn: ``params`` are host tensors (the loader's one view at a time): an op
+                that no sample drew is skipped, not blended in (the same numbers, less work).
+                Never in the training step, where reading a mask would wait for the device.
         Returns:
             images (N, 3, H, W) float in [0, 255], and the boxes (a new tensor) or None.
         """
-        device = images.device
-        if self.randaugment is not None:  # on 8-bit values, as torchvision's RandAugment
-            if images.dtype != torch.uint8:
-                images = images.round().clamp_(0, 255).to(torch.uint8)
-            images = self.randaugment.apply(images, params["randaugment"])
+        if self.randaugment is not None and "randaugment" in params:
+            images = self.randaugment_images(images, params["randaugment"])
+        params = {
+            k: v.to(images.device, non_blocking=True)
+            for k, v in params.items()
+            if k != "randaugment"
+        }
+        op = _skipping_where if skip_undrawn else _blended_where
         x = images.float() / 255.0
         for position in range(4):  # torchvision's ColorJitter: its own random order per sample
-            x = self._jitter_step(x, params, position)
-        idx = _indices(params["gray"], device)
-        if idx is not None:
-            x.index_copy_(0, idx, P.to_grayscale(x[idx]).expand(-1, 3, -1, -1))
-        idx = _indices(params["blur"], device)
-        if idx is not None:
-            sigma = params["sigma"].to(device, non_blocking=True)[idx]
-            x.index_copy_(0, idx, P.gaussian_blur(x[idx], self.kernel_size(x.shape[-1]), sigma))
-        idx = _indices(params["flip"], device)
-        if idx is not None:
-            x.index_copy_(0, idx, x[idx].flip(-1))
-            if boxes is not None:
-                boxes = boxes.to(device=device, dtype=torch.float32, copy=True)
-                boxes.index_copy_(0, idx, P.hflip_boxes(boxes[idx], x.shape[-1]))
-        return x * 255.0, boxes
+            x = self._jitter_step(x, params, position, op)
+        x = op(params["gray"], lambda x: P.to_grayscale(x).expand_as(x), x)
+        k = self.kernel_size(x.shape[-1])
+        x = op(params["blur"], lambda x: P.gaussian_blur(x, k, params["sigma"]), x)
+        x = op(params["flip"], lambda x: x.flip(-1), x)
+        return x * 255.0, self._flip_boxes(boxes, boxes_if_flipped, params["flip"], x.shape[-1])
+
+    def randaugment_images(self, images: torch.Tensor, params: Dict) -> torch.Tensor:
+        """RandAugment on 8-bit values, as torchvision's (its ops are grouped by the drawn op,
+        with indices of CPU parameters: the one part that is not fixed-shape)."""
+        if images.dtype != torch.uint8:
+            images = images.round().clamp_(0, 255).to(torch.uint8)
+        return self.randaugment.apply(images, params)
 
     @staticmethod
-    def _jitter_step(x: torch.Tensor, params: Dict, position: int) -> torch.Tensor:
+    def _flip_boxes(
+        boxes: Optional[torch.Tensor],
+        boxes_if_flipped: Optional[torch.Tensor],
+        flip: torch.Tensor,
+        width: int,
+    ) -> Optional[torch.Tensor]:
+        if boxes is None:
+            return None
+        boxes = boxes.to(device=flip.device, dtype=torch.float32)
+        alternative = boxes if boxes_if_flipped is None else boxes_if_flipped.to(boxes)
+        return _where(flip, P.hflip_boxes(alternative, width), boxes)
+
+    @staticmethod
+    def _jitter_step(x: torch.Tensor, params: Dict, position: int, op: Callable) -> torch.Tensor:
         """
         The ``position``-th op of every jittered sample's own order. Brightness, contrast and
         saturation are all ``blend(x, other, f)`` (other: black, the mean luma, the luma), so
-        one blend over the whole batch serves the three (f = 1 leaves a sample unchanged);
-        the hue rotation runs on the samples that drew it. Few kernels per batch matters: a
-        training step at batch 64 is bound by kernel launches (bench/bench_e2e.py --profile).
+        one blend over the whole batch serves the three (f = 1 leaves a sample unchanged,
+        exactly); the hue rotation is blended in for the samples that drew it. Fixed shapes and
+        few kernels: a training step is bound by kernel launches (bench/bench_e2e.py).
         """
-        device = x.device
-        op = params["order"][:, position]
-        blends = params["jitter"] & (op < 3)
-        if blends.any():
-            drawn = params["factors"].gather(1, op.clamp(max=2)[:, None])[:, 0]
+        which, jitter = params["order"][:, position], params["jitter"]
+        blends = jitter & (which < 3)
+
+        def blend(x):
+            drawn = params["factors"].gather(1, which.clamp(max=2)[:, None])[:, 0]
             f = torch.where(blends, drawn, 1.0)
-            contrast, saturation = (blends & (op == 1)).float(), (blends & (op == 2)).float()
-            f, contrast, saturation = torch.stack([f, contrast, saturation]).to(
-                device, non_blocking=True
-            )
-            other = torch.zeros((), device=device)
-            if (blends & (op > 0)).any():
-                gray = P.to_grayscale(x)
-                mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-                other = saturation.view(-1, 1, 1, 1) * gray + contrast.view(-1, 1, 1, 1) * mean
-            x = P.blend(x, other, f)
-        idx = _indices(params["jitter"] & (op == 3), device)
-        if idx is not None:
-            shift = params["factors"][:, 3].to(device, non_blocking=True)[idx]
-            x.index_copy_(0, idx, P.adjust_hue(x[idx], shift))
-        return x
+            contrast = (blends & (which == 1)).to(x.dtype).view(-1, 1, 1, 1)
+            saturation = (blends & (which == 2)).to(x.dtype).view(-1, 1, 1, 1)
+            gray = P.to_grayscale(x)
+            other = saturation * gray + contrast * gray.mean(dim=(1, 2, 3), keepdim=True)
+            return P.blend(x, other, f)
+
+        x = op(blends, blend, x, blended=True)
+        return op(jitter & (which == 3), lambda x: P.adjust_hue(x, params["factors"][:, 3]), x)
 
     def forward(
-        self, images: torch.Tensor, boxes: Optional[torch.Tensor] = None
+        self,
+        images: torch.Tensor,
+        boxes: Optional[torch.Tensor] = None,
+        boxes_if_flipped: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Augment a batch: :meth:`sample` then :meth:`apply`, in float32 even inside the
-        training step's autocast (pixel values are data, not activations)."""
+        """
+        Augment a batch with parameters drawn on its device (see :meth:`apply` for the
+        arguments), in float32 even inside the training step's autocast (pixel values are data,
+        not activations). The draws are made here, outside :meth:`transform`, so that a
+        compiled ``transform`` sees the same random numbers as the eager one.
+        """
         with torch.autocast(images.device.type, enabled=False):
-            return self.apply(images, self.sample(images.shape[0]), boxes)
+            u = self.draw(images.shape[0], device=images.device)
+            if self.randaugment is not None:
+                images = self.randaugment_images(images, self.randaugment.sample(len(images)))
+            return self.transform(images, u, boxes, boxes_if_flipped)
+
+    def transform(
+        self,
+        images: torch.Tensor,
+        uniforms: torch.Tensor,
+        boxes: Optional[torch.Tensor] = None,
+        boxes_if_flipped: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`apply` of the parameters that ``uniforms`` (:meth:`draw`) encode, without
+        RandAugment: fixed shapes and no host synchronisation, what the fast path compiles."""
+        return self.apply(images, self.params_from_uniforms(uniforms), boxes, boxes_if_flipped)
 
     def augment_one(
         self, image: torch.Tensor, box: Optional[torch.Tensor] = None
@@ -274,6 +346,7 @@ class PhotometricAugmentation(nn.Module):
         The loader-worker path: one (3, H, W) uint8 view (and its (4,) box) in, the augmented
         uint8 view (and box) out.
         """
-        out, boxes = self(image[None], None if box is None else box[None].float())
+        boxes = None if box is None else box[None].float()
+        out, boxes = self.apply(image[None], self.sample(1), boxes, skip_undrawn=True)
         out = out[0].round_().clamp_(0, 255).to(torch.uint8)
         return out, (None if boxes is None else boxes[0] + 0.0)  # + 0.0: no -0.0 after a flip

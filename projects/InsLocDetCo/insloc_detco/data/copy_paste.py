@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .augmentation import PhotometricAugmentation, build_view_crop, photometric_on_device
+from .box_aug import AnchorBoxAugmentation
 from .mapper import PRETRAIN_MAPPER_REGISTRY, PretrainDatasetMapper
 
 __all__ = ["sample_foreground", "paste", "CopyPasteMapper"]
@@ -89,7 +90,10 @@ def paste(background: torch.Tensor, foreground: torch.Tensor) -> Tuple[torch.Ten
 class CopyPasteMapper(PretrainDatasetMapper):
     """
     InsLoc views: ``view_q``, ``view_k`` (3, S, S) uint8 composites and ``box_q``, ``box_k``
-    (4,) float32 XYXY boxes of the pasted instance in each (after the flip).
+    (4,) float32 XYXY boxes of the pasted instance in each (after the flip), and, with the
+    box augmentation, ``box_q_aug`` (2, 4): the query's augmented box for a view that is not
+    flipped later and for one that is (see :meth:`AnchorBoxAugmentation.for_both_flips`; the
+    two rows are one draw when the flip was made here).
 
     With ``copy_paste=False`` (InsLoc Table 3b, "RoIAlign only") the views are plain MoCo v2
     crops of side S and the box is the whole view.
@@ -107,6 +111,7 @@ class CopyPasteMapper(PretrainDatasetMapper):
         copy_paste: bool,
         photometric: Optional[PhotometricAugmentation],
         view_crop: Optional[v2.Transform] = None,
+        box_aug: Optional[AnchorBoxAugmentation] = None,
         **kwargs,
     ):
         """
@@ -119,6 +124,7 @@ class CopyPasteMapper(PretrainDatasetMapper):
             photometric: colour augmentation and box-aware flip of each composite, here in the
                 loader; None when the model applies it on the training device.
             view_crop: the RandomResizedCrop of the plain views (``copy_paste=False``).
+            box_aug: InsLoc's query box augmentation (``MODEL.INSLOC.BOX_AUG``), or None.
             kwargs: see :class:`PretrainDatasetMapper`; "dataset" backgrounds are drawn from
                 its ``file_names``.
         """
@@ -136,6 +142,7 @@ class CopyPasteMapper(PretrainDatasetMapper):
         self.copy_paste = copy_paste
         self.photometric = photometric
         self.view_crop = view_crop
+        self.box_aug = box_aug
 
     @classmethod
     def from_config(cls, cfg, dataset_dicts: Optional[List[Dict]] = None):
@@ -150,6 +157,7 @@ class CopyPasteMapper(PretrainDatasetMapper):
             copy_paste=cfg.MODEL.INSLOC.COPY_PASTE,
             photometric=None if photometric_on_device(cfg) else PhotometricAugmentation(cfg),
             view_crop=build_view_crop(cfg, cp.CANVAS_SIZE),
+            box_aug=AnchorBoxAugmentation(cfg) if cfg.MODEL.INSLOC.BOX_AUG else None,
         )
         return ret
 
@@ -158,7 +166,9 @@ class CopyPasteMapper(PretrainDatasetMapper):
             full = torch.tensor([0, 0, self.canvas_size, self.canvas_size], dtype=torch.float32)
             view_q, box_q = self.finish_view(self.view_crop(image), full)
             view_k, box_k = self.finish_view(self.view_crop(image), full)
-            return {"view_q": view_q, "box_q": box_q, "view_k": view_k, "box_k": box_k}
+            return self.with_box_aug(
+                {"view_q": view_q, "box_q": box_q, "view_k": view_k, "box_k": box_k}
+            )
         fg_q, fg_k = self.foreground(image), self.foreground(image)
         if self.background == "batch":
             # Composed in `collate`, where the other images of the batch are at hand.
@@ -166,7 +176,9 @@ class CopyPasteMapper(PretrainDatasetMapper):
         bg_q, bg_k = self.dataset_backgrounds(dataset_dict.get("file_name"))
         view_q, box_q = self.finish_view(*paste(bg_q, fg_q))
         view_k, box_k = self.finish_view(*paste(bg_k, fg_k))
-        return {"view_q": view_q, "box_q": box_q, "view_k": view_k, "box_k": box_k}
+        return self.with_box_aug(
+            {"view_q": view_q, "box_q": box_q, "view_k": view_k, "box_k": box_k}
+        )
 
     def collate(self, batch: List[Dict]) -> List[Dict]:
         """
@@ -193,7 +205,19 @@ class CopyPasteMapper(PretrainDatasetMapper):
             for view, j in (("q", j_q), ("k", j_k)):
                 canvas, box = paste(backgrounds[j], d.pop(f"foreground_{view}"))
                 d[f"view_{view}"], d[f"box_{view}"] = self.finish_view(canvas, box)
-        return batch
+        return [self.with_box_aug(d) for d in batch]
+
+    def with_box_aug(self, views: Dict) -> Dict:
+        """Add ``box_q_aug`` (2, 4) to finished views, when the box augmentation is on."""
+        if self.box_aug is None:
+            return views
+        size = tuple(views["view_q"].shape[-2:])
+        box = views["box_q"][None]
+        if self.photometric is None:  # the model flips the view later, or not
+            views["box_q_aug"] = self.box_aug.for_both_flips(box, size)[0]
+        else:  # flipped here already: one draw, for the box as it is
+            views["box_q_aug"] = self.box_aug(box, size).expand(2, 4).clone()
+        return views
 
     def foreground(self, image: torch.Tensor) -> torch.Tensor:
         return sample_foreground(image, self.crop_scale, self.crop_ratio, self.paste_size)

@@ -12,12 +12,17 @@ ignored. Sources:
 
 Built-in names resolve paths under ``$DETECTRON2_DATASETS`` (default ``datasets/``), like
 detectron2's own builtin datasets. A name of the form ``folder:PATH``, ``list:PATH`` or
-``coco:JSON:IMAGE_ROOT`` is registered on first use, so a config can point at data directly.
+``coco:JSON:IMAGE_ROOT`` is registered on first use, so a config can point at data directly;
+other modules add forms of their own with :func:`register_on_first_use` (labelled class
+folders, seeded subsets), and every name goes through :func:`try_register` /
+:func:`ensure_registered`.
 """
 import json
 import logging
 import os
-from typing import Dict, List, Optional
+import re
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.file_io import PathManager
@@ -29,6 +34,8 @@ __all__ = [
     "register_image_list",
     "register_coco_images",
     "register_pretrain_demo",
+    "register_on_first_use",
+    "try_register",
     "ensure_registered",
     "skimage_data_dir",
 ]
@@ -183,24 +190,48 @@ def register_pretrain_demo(name: str = "pretrain_demo"):
     _register(name, files, "scikit-image's sample photos")
 
 
-def ensure_registered(name: str):
-    """Register ``folder:PATH``, ``list:PATH`` and ``coco:JSON:IMAGE_ROOT`` names on first use."""
+# form (as shown to users) -> (pattern, register); see register_on_first_use
+_FIRST_USE: "OrderedDict[str, tuple]" = OrderedDict()
+
+
+def register_on_first_use(form: str, pattern: str, register: Callable):
+    """
+    Let names that match ``pattern`` (a regular expression, matched whole) be registered when
+    first used, by ``register(name, **named groups)``. It may return False to decline (e.g.
+    the subset of a data set that is not registered); anything else means registered.
+    ``form`` names the pattern in messages, e.g. "folder:PATH".
+    """
+    _FIRST_USE[form] = (re.compile(pattern), register)
+
+
+def try_register(name: str) -> bool:
+    """Whether ``name`` is registered, after registering it if it has a first-use form."""
     if name in DatasetCatalog.list():
-        return
-    kind, _, rest = name.partition(":")
-    if kind == "folder" and rest:
-        register_image_folder(name, rest)
-    elif kind == "list" and rest:
-        register_image_list(name, rest)
-    elif kind == "coco" and rest.count(":") == 1:
-        json_file, image_root = rest.split(":")
-        register_coco_images(name, json_file, image_root)
-    else:
+        return True
+    for pattern, register in _FIRST_USE.values():
+        m = pattern.fullmatch(name)
+        if m and register(name, **m.groupdict()) is not False:
+            return True
+    return False
+
+
+def ensure_registered(name: str):
+    """:func:`try_register`, or a KeyError naming what a data set name can be."""
+    if not try_register(name):
         raise KeyError(
             f"Dataset '{name}' is not registered. Use a name registered in DatasetCatalog "
             "(e.g. pretrain_demo, imagenet_train, coco_train_2017_images) or one of "
-            "'folder:PATH', 'list:PATH', 'coco:JSON:IMAGE_ROOT'."
+            f"{', '.join(repr(form) for form in _FIRST_USE)}."
         )
+
+
+register_on_first_use("folder:PATH", "folder:(?P<root>.+)", register_image_folder)
+register_on_first_use("list:PATH", "list:(?P<list_file>.+)", register_image_list)
+register_on_first_use(
+    "coco:JSON:IMAGE_ROOT",
+    "coco:(?P<json_file>[^:]+):(?P<image_root>[^:]+)",
+    register_coco_images,
+)
 
 
 def _register_builtin(root: str):

@@ -1,7 +1,6 @@
 from .hooks import PlotCurvesHook, SkippedImagesHook, plot_metrics, read_metrics
 from .launch import (
     LaunchError,
-    add_launch_arguments,
     dist_timeout,
     exit_process,
     is_launch_leader,

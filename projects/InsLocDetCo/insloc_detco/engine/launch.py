@@ -41,7 +41,6 @@ from .watchdog import Watchdog, active_watchdog, report
 
 __all__ = [
     "DEFAULT_DIST_TIMEOUT_S",
-    "add_launch_arguments",
     "LaunchError",
     "launch",
     "dist_timeout",
@@ -61,15 +60,6 @@ DEFAULT_DIST_TIMEOUT_S = 600.0
 _COLLECTIVE_MARGIN_S = 60.0
 
 _joined: Optional[LaunchedProcess] = None  # set once this process joined an external launch
-
-
-def add_launch_arguments(parser):
-    """``--dist-timeout`` (the entry scripts' launch arguments besides detectron2's)."""
-    parser.add_argument(
-        "--dist-timeout", type=float, default=None, metavar="SECONDS",
-        help="how long processes wait for a silent peer before the run ends, naming it "
-        f"(default: $INSLOC_DIST_TIMEOUT or {DEFAULT_DIST_TIMEOUT_S:.0f})",
-    )  # fmt: skip
 
 
 def dist_timeout(seconds: Optional[float] = None) -> timedelta:

@@ -14,11 +14,11 @@ import logging
 import os
 import re
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 from detectron2.utils.logger import setup_logger
 
-__all__ = ["setup_logging", "log_exceptions", "strip_colour_codes"]
+__all__ = ["setup_logging", "log_to_file", "log_exceptions", "strip_colour_codes"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _LOGGERS = ("detectron2", "fvcore", "insloc_detco", "py.warnings")
@@ -26,10 +26,11 @@ _LOGGERS = ("detectron2", "fvcore", "insloc_detco", "py.warnings")
 logger = logging.getLogger(__name__)
 
 
-def setup_logging(output_dir: str, rank: int = 0):
+def setup_logging(output_dir: Optional[str], rank: int = 0):
     """
     Set up the loggers of a training process; call it before detectron2's ``default_setup``
-    (which then reuses them: ``setup_logger`` is cached on its arguments).
+    (which then reuses them: ``setup_logger`` is cached on its arguments). ``output_dir``
+    None: the console only (evaluation runs, whose result files say what they did).
 
     * ``detectron2``, ``fvcore``, ``insloc_detco`` and Python warnings (``py.warnings``, with a
       timestamp) go to the console on rank 0 and to ``<output_dir>/log.txt``
@@ -51,6 +52,25 @@ def setup_logging(output_dir: str, rank: int = 0):
             strip_colour_codes(handler)
     if rank > 0:
         _errors_to_main_log(output_dir, rank)
+
+
+@contextlib.contextmanager
+def log_to_file(path: str):
+    """Add a file handler (DEBUG and up) to our loggers for the duration of the block."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(
+        logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s", "%m/%d %H:%M:%S")
+    )
+    handler.setLevel(logging.DEBUG)
+    loggers = [logging.getLogger(n) for n in ("detectron2", "fvcore", "insloc_detco")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+        handler.close()
 
 
 def strip_colour_codes(handler: logging.Handler):

@@ -1,10 +1,9 @@
 """How many CPU threads each training process may use.
 
 PyTorch gives every process one intra-op thread per physical core. With several training
-processes per machine, each with its loader workers, that oversubscribes the cores: on one H100
-with 16 cores and 15 workers, the main process of a MoCo v2 run spun at ~500 % CPU and the GPU
-idled (1.17 s/it against 0.34 s/it with one thread; issue 10). ``torchrun`` sets one thread per
-process for this reason; detectron2's ``launch`` sets nothing. :func:`configure_threads` does it
+processes per machine, each with its loader workers, that oversubscribes the cores and starves
+the GPU (docs/SPEED.md, "Thread discipline"). ``torchrun`` sets one thread per process for this
+reason; detectron2's ``launch`` sets nothing. :func:`configure_threads` does it
 for every launch path (one process, ``--num-gpus N``, several machines): it runs in each
 training process, after ``launch`` has set up the local process group.
 """

@@ -23,9 +23,11 @@ from ..checkpoint.periodic import DEFAULT_MAX_TO_KEEP
 from ..data import build_pretrain_train_loader, get_pretrain_dataset_dicts
 from ..modeling.contrastive import ContrastiveQueue, broadcast_queues
 from ..modeling.meta_arch.base import channels_last_from_config
+from .fast_path import build_fused_sgd, enable_fast_path, fast_path_enabled, uses_cuda_graphs
 from .hooks import PlotCurvesHook, SkippedImagesHook
 from .preemption import PreemptionHook
 from .resume import RunStateHook
+from .step import DeviceMetricsTrainer
 from .summary import describe_model, describe_schedule
 from .threads import configure_threads
 from .watchdog import ProgressHook
@@ -64,7 +66,7 @@ class DeviceAgnosticTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model_any_device(model, broadcast_buffers=False)
-        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
+        self._trainer = self.build_step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # Never runs code from MODEL.WEIGHTS or a resumed checkpoint (detectron2 unpickles .pkl).
         self.checkpointer = SafeDetectionCheckpointer(
@@ -80,6 +82,11 @@ class DeviceAgnosticTrainer(DefaultTrainer):
             logger.info(describe_checkpoint_disk_use(
                 size, cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter, _max_to_keep(cfg), cfg.OUTPUT_DIR
             ))  # fmt: skip
+
+    @classmethod
+    def build_step_trainer(cls, cfg, model, data_loader, optimizer) -> SimpleTrainer:
+        """What runs one iteration: :func:`build_step_trainer`."""
+        return build_step_trainer(cfg, model, data_loader, optimizer)
 
     @classmethod
     def build_model(cls, cfg):
@@ -138,10 +145,38 @@ class PretrainTrainer(DeviceAgnosticTrainer):
 
     @classmethod
     def build_model(cls, cfg):
+        """The model in NHWC on CUDA (``MODEL.CHANNELS_LAST``), compiled on the fast path."""
         model = super().build_model(cfg)
         if channels_last_from_config(cfg):
             model = model.to(memory_format=torch.channels_last)
-        return model
+        return enable_fast_path(model, cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's SGD; fused into one kernel on the fast path."""
+        if fast_path_enabled(cfg):
+            return build_fused_sgd(cfg, model)
+        return super().build_optimizer(cfg, model)
+
+    @classmethod
+    def build_step_trainer(cls, cfg, model, data_loader, optimizer) -> DeviceMetricsTrainer:
+        """
+        The step with the losses kept on the device (read back every ``SOLVER.LOG_PERIOD``
+        iterations, before checkpoints and at the end), eager or fast path alike.
+        """
+        amp = cfg.SOLVER.AMP.ENABLED
+        dtype = amp_dtype(cfg) if amp else None
+        scaler = _grad_scaler(dtype) if amp else None
+        return DeviceMetricsTrainer(
+            model,
+            data_loader,
+            optimizer,
+            flush_periods=(cfg.SOLVER.LOG_PERIOD, cfg.SOLVER.CHECKPOINT_PERIOD),
+            max_iter=cfg.SOLVER.MAX_ITER,
+            amp_dtype=dtype,
+            grad_scaler=scaler,
+            cuda_graphs=uses_cuda_graphs(cfg),
+        )
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -194,9 +229,17 @@ def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
     if not cfg.SOLVER.AMP.ENABLED:
         return SimpleTrainer(model, data_loader, optimizer)
     dtype = amp_dtype(cfg)
+    return AMPTrainer(
+        model, data_loader, optimizer, grad_scaler=_grad_scaler(dtype), precision=dtype
+    )
+
+
+def _grad_scaler(dtype: torch.dtype) -> torch.amp.GradScaler:
+    """Loss scaling for float16 only: bfloat16 needs none (and the scaler's check would
+    synchronise every step)."""
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     logger.info(f"AMP: autocast to {dtype}, loss scaling {'on' if scaler.is_enabled() else 'off'}.")
-    return AMPTrainer(model, data_loader, optimizer, grad_scaler=scaler, precision=dtype)
+    return scaler
 
 
 def create_ddp_model_any_device(model, **kwargs):

@@ -131,7 +131,9 @@ def momentum_update(query: nn.Module, key: nn.Module, m: float):
     theta_k <- m * theta_k + (1 - m) * theta_q for all parameters (MoCo Eq. 2). Buffers (BN
     running statistics) are the key encoder's own, as in MoCo.
     """
-    q_params = [p.detach() for p in query.parameters()]
+    # Under no_grad the query's parameters are read as they are: no detach() per tensor
+    # (one dispatched operator each, ~160 per step for a ResNet-50).
+    q_params = list(query.parameters())
     k_params = list(key.parameters())
     assert len(q_params) == len(k_params), "query and key encoders differ"
     torch._foreach_mul_(k_params, m)

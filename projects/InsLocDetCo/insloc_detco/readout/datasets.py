@@ -30,12 +30,11 @@ from typing import Dict, List, Tuple
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..data.datasets import IMAGE_EXTENSIONS
+from ..data.datasets import IMAGE_EXTENSIONS, register_on_first_use, try_register
 from .encoder import ReadoutError
 
 __all__ = [
     "register_class_folder",
-    "ensure_readout_dataset",
     "get_readout_dataset",
     "class_labels",
     "image_level_targets",
@@ -83,19 +82,7 @@ def register_class_folder(name: str, root: str):
     MetadataCatalog.get(name).set(dirname=root, evaluator_type="classification")
 
 
-def ensure_readout_dataset(name: str):
-    """Register ``class_folder:PATH`` names on first use; clear error for unknown names."""
-    if name in DatasetCatalog.list():
-        return
-    kind, _, rest = name.partition(":")
-    if kind == "class_folder" and rest:
-        register_class_folder(name, rest)
-        return
-    raise ReadoutError(
-        f"Dataset '{name}' is not registered. Use imagenet_cls_train/val, voc_2007_trainval/"
-        "test, demo_cls_train/val, any name registered in DatasetCatalog whose records have "
-        "'label' or 'annotations', or 'class_folder:PATH'."
-    )
+register_on_first_use("class_folder:PATH", "class_folder:(?P<root>.+)", register_class_folder)
 
 
 def get_readout_dataset(name: str) -> Tuple[List[Dict], List[str]]:
@@ -105,7 +92,12 @@ def get_readout_dataset(name: str) -> Tuple[List[Dict], List[str]]:
     Raises:
         ReadoutError: unknown name, missing or empty data, records without labels.
     """
-    ensure_readout_dataset(name)
+    if not try_register(name):
+        raise ReadoutError(
+            f"Dataset '{name}' is not registered. Use imagenet_cls_train/val, voc_2007_trainval/"
+            "test, demo_cls_train/val, any name registered in DatasetCatalog whose records have "
+            "'label' or 'annotations', or 'class_folder:PATH'."
+        )
     try:
         records = DatasetCatalog.get(name)
     except Exception as e:

@@ -23,7 +23,6 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.config import CfgNode, configurable, get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
@@ -33,7 +32,9 @@ from detectron2.structures import Boxes
 from fvcore.nn.precise_bn import update_bn_stats
 from torch import nn
 
+from ..engine.runs import RANDOM_INIT
 from ..transfer.converter import ConversionError, convert_checkpoint, load_model_zoo_pkl
+from ..transfer.fitting import match_model_zoo_file, match_weights
 
 __all__ = [
     "LAYOUTS",
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS = ("c4", "fpn")
 STAGES = ("res2", "res3", "res4", "res5")
-RANDOM_INIT = "random"  # the weights argument that measures detectron2's random initialisation
 
 
 class ReadoutError(RuntimeError):
@@ -168,13 +168,6 @@ class ReadoutEncoder(nn.Module):
     def train(self, mode: bool = True):
         """Always in eval mode: BN uses the pretrained statistics (the readouts' protocol)."""
         return super().train(False)
-
-    def resnet_prefixes(self) -> List[str]:
-        """State-dict prefixes of the ResNet stages (what every readout needs pretrained)."""
-        if self.layout == "c4":
-            return ["backbone.stem.", "backbone.res2.", "backbone.res3.", "backbone.res4.",
-                    "roi_heads.res5."]  # fmt: skip
-        return [f"backbone.bottom_up.{s}." for s in ("stem",) + STAGES]
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 RGB -> normalised float on the encoder's device."""
@@ -316,25 +309,26 @@ class WeightsReport:
         return s
 
 
-def _read_weights(weights: str, layout: str):
-    """
-    Returns:
-        (state dict with detector names, matching_heuristics, author, meta_architecture).
-    """
-    if weights.endswith(".pkl"):
-        data = load_model_zoo_pkl(weights)
-        target = data.get("target")
-        if target and target != layout and not (target == "retinanet" and layout == "fpn"):
-            raise ReadoutError(
-                f"'{weights}' was converted for a '{target}' detector; this readout builds the "
-                f"'{layout}' layout. Pass --layout {target if target in LAYOUTS else 'fpn'}, or "
-                "the pretraining checkpoint (.pth), which is converted for any layout."
-            )
-        state = {k: torch.as_tensor(v) for k, v in data["model"].items()}
-        return (state, bool(data.get("matching_heuristics", False)), data["__author__"],
-                data.get("meta_architecture", ""))  # fmt: skip
-    conversion, _ = convert_checkpoint(weights, layout)
-    return conversion.model, False, "", conversion.meta_architecture
+def _match(weights: str, encoder: ReadoutEncoder):
+    """The weights file matched to ``encoder`` (:func:`match_weights`: detectron2 names, right
+    shapes, the whole ResNet; tensors the readout network lacks, e.g. a detector's RPN, are
+    left out). Returns (:class:`WeightsMatch`, meta_architecture)."""
+    model_state, layout = encoder.state_dict(), encoder.layout
+    model = f"the '{layout}' readout network"
+    if not weights.endswith(".pkl"):
+        conversion, _ = convert_checkpoint(weights, layout)
+        match = match_weights(model_state, conversion.model, weights, model, allow_unused=True)
+        return match, conversion.meta_architecture
+    data = load_model_zoo_pkl(weights)
+    target = data.get("target")
+    if target and target != layout and not (target == "retinanet" and layout == "fpn"):
+        raise ReadoutError(
+            f"'{weights}' was converted for a '{target}' detector; this readout builds the "
+            f"'{layout}' layout. Pass --layout {target if target in LAYOUTS else 'fpn'}, or "
+            "the pretraining checkpoint (.pth), which is converted for any layout."
+        )
+    match = match_model_zoo_file(model_state, data, weights, model, allow_unused=True)
+    return match, data.get("meta_architecture", "")
 
 
 def load_encoder_weights(encoder: ReadoutEncoder, weights: str) -> WeightsReport:
@@ -347,37 +341,17 @@ def load_encoder_weights(encoder: ReadoutEncoder, weights: str) -> WeightsReport
         ReadoutError: a ResNet tensor is missing or has the wrong shape (every readout needs
             the whole pretrained ResNet), or the file is not a checkpoint we can read.
     """
-    model_state = encoder.state_dict()
-    report = WeightsReport(weights=weights, total=len(model_state))
+    report = WeightsReport(weights=weights, total=len(encoder.state_dict()))
     if weights == RANDOM_INIT:
         report.random_init = ["all"]
         return report
     try:
-        state, heuristics, author, meta = _read_weights(weights, encoder.layout)
+        match, report.meta_architecture = _match(weights, encoder)
     except ConversionError as e:
         raise ReadoutError(str(e)) from None
-    report.meta_architecture = meta
-    if heuristics:
-        state = align_and_update_state_dicts(model_state, state, c2_conversion=author == "Caffe2")
-    wrong = [k for k in state if k in model_state and state[k].shape != model_state[k].shape]
-    if wrong:
-        raise ReadoutError(
-            f"{len(wrong)} tensors of '{weights}' do not fit the readout network, e.g. "
-            f"{wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(model_state[wrong[0]].shape)} "
-            "(is it a ResNet-50 like the readout config?)."
-        )
-    usable = {k: v for k, v in state.items() if k in model_state}
-    missing = [k for k in model_state if k not in usable and not k.endswith("num_batches_tracked")]
-    resnet_missing = [k for k in missing if k.startswith(tuple(encoder.resnet_prefixes()))]
-    if resnet_missing:
-        raise ReadoutError(
-            f"'{weights}' lacks {len(resnet_missing)} ResNet tensors of the '{encoder.layout}' "
-            f"readout network, e.g. {resnet_missing[0]}: refusing to measure a partly random "
-            "backbone."
-        )
-    encoder.load_state_dict(usable, strict=False)
-    report.loaded = len(usable)
-    report.random_init = sorted({".".join(k.split(".")[:2]) for k in missing})
+    encoder.load_state_dict(match.loaded, strict=False)
+    report.loaded = len(match.loaded)
+    report.random_init = sorted({".".join(k.split(".")[:2]) for k in match.missing})
     if report.random_init:
         logger.warning(f"Not in '{weights}', left at random init: {report.random_init}")
     return report

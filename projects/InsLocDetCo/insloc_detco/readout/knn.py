@@ -8,39 +8,62 @@ literature reports it.
 The memory bank may be split over processes: each process finds the k nearest among its own
 shard for every query, the candidates are all-gathered, and the k best overall vote
 (:func:`knn_scores`), so the bank of a large training set is never gathered on one process.
+The bank is compared in blocks of rows, so it may be a memory-mapped array on disk
+(:mod:`.feature_store`); :func:`sharded_knn_accuracy` also takes the queries in rounds of a
+chunk per process, so that no process holds more than a chunk of queries, a block of the bank
+and their similarities, whatever the sizes of the two sets.
 """
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.utils import comm
 
-__all__ = ["knn_candidates", "knn_scores", "knn_accuracy", "topk_accuracy"]
+from .feature_store import global_sum, row_blocks, rows_per_block
+
+__all__ = [
+    "knn_candidates",
+    "knn_scores",
+    "knn_accuracy",
+    "sharded_knn_accuracy",
+    "topk_hits",
+    "topk_accuracy",
+]
 
 
 @torch.no_grad()
 def knn_candidates(
-    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int,
-    chunk: int = 1024,
+    bank, bank_labels: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 1024,
 ):  # fmt: skip
     """
     Args:
-        bank: (N, D) training features (this process's shard); bank_labels: (N,) int64.
-        queries: (Q, D) query features (all of them, on every process).
+        bank: (N, D) training features (this process's shard): a tensor or a memory-mapped
+            array, compared block by block.
+        bank_labels: (N,) int64.
+        queries: (Q, D) query features (the same on every process).
         k: neighbours kept per query (fewer if the shard is smaller).
+        chunk: queries compared at a time.
     Returns:
-        (sims (Q, k'), labels (Q, k')) of the k' = min(k, N) most cosine-similar bank rows.
+        (sims (Q, k'), labels (Q, k')) of the k' = min(k, N) most cosine-similar bank rows,
+        on the queries' device.
     """
-    bank = F.normalize(bank.float(), dim=1)
+    device = queries.device
     queries = F.normalize(queries.float(), dim=1)
     k = min(k, bank.shape[0])
-    sims, labels = [], []
-    for q in queries.split(chunk):
-        s, i = (q @ bank.T).topk(k, dim=1)
-        sims.append(s)
-        labels.append(bank_labels[i])
-    return torch.cat(sims), torch.cat(labels)
+    sims = torch.full((len(queries), k), -float("inf"), device=device)
+    labels = torch.zeros((len(queries), k), dtype=torch.long, device=device)
+    for start, block in row_blocks(bank):
+        block = F.normalize(block.to(device), dim=1)
+        block_labels = torch.as_tensor(bank_labels[start : start + len(block)]).to(device)
+        for i in range(0, len(queries), chunk):
+            s, j = (queries[i : i + chunk] @ block.T).topk(min(k, len(block)), dim=1)
+            s = torch.cat([sims[i : i + chunk], s], dim=1)
+            lab = torch.cat([labels[i : i + chunk], block_labels[j]], dim=1)
+            sims[i : i + chunk], best = s.topk(k, dim=1)
+            labels[i : i + chunk] = lab.gather(1, best)
+    return sims, labels
 
 
 @torch.no_grad()
@@ -71,11 +94,15 @@ def knn_scores(
     return out
 
 
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> int:
+    """How many of (Q, C) ``scores`` have the (Q,) label among their k best classes."""
+    k = min(k, scores.shape[1])
+    return int((scores.topk(k, dim=1).indices == labels.view(-1, 1)).any(dim=1).sum())
+
+
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     """Top-k accuracy (%) of (Q, C) scores against (Q,) labels."""
-    k = min(k, scores.shape[1])
-    hit = (scores.topk(k, dim=1).indices == labels.view(-1, 1)).any(dim=1)
-    return 100.0 * hit.float().mean().item()
+    return 100.0 * topk_hits(scores, labels, k) / max(1, len(labels))
 
 
 def knn_accuracy(
@@ -94,3 +121,41 @@ def knn_accuracy(
         if num_classes > 5:
             out[f"top5@k{k}"] = topk_accuracy(s, query_labels, 5)
     return out
+
+
+@torch.no_grad()
+def sharded_knn_accuracy(
+    bank, bank_labels, queries, query_labels, num_classes: int, ks: Sequence[int] = (20, 200),
+    temperature: float = 0.07, chunk: Optional[int] = None, device="cpu",
+) -> Dict[str, float]:  # fmt: skip
+    """
+    :func:`knn_accuracy` with the queries sharded too: every process passes its shard of the
+    bank and of the queries (tensors or memory-mapped arrays). In each round every process
+    contributes ``chunk`` of its queries, the round's queries are all-gathered, scored against
+    every bank shard (:func:`knn_scores`) and counted once.
+
+    Args:
+        chunk: queries per process and round (None: what keeps a round's gathered queries and
+            candidates within a block of :data:`.feature_store.READ_BLOCK_BYTES`).
+    Returns:
+        {"top1@k<k>": %, and "top5@k<k>" with more than 5 classes}, the same in every process.
+    """
+    world, rank = comm.get_world_size(), comm.get_rank()
+    if chunk is None:  # bytes per query of a round: its features and its candidates, gathered
+        chunk = rows_per_block(world * max(4 * queries.shape[1], 12 * max(ks) * world))
+    rounds = max(comm.all_gather(-(-len(queries) // chunk)))
+    bank_labels = torch.as_tensor(np.asarray(bank_labels), dtype=torch.long)
+    hits = {f"top{t}@k{k}": 0 for k in ks for t in (1, 5)}
+    for r in range(rounds):
+        part = torch.from_numpy(np.array(queries[r * chunk : (r + 1) * chunk])).float()
+        mine = torch.as_tensor(np.asarray(query_labels[r * chunk : (r + 1) * chunk]))
+        parts = comm.all_gather(part) if world > 1 else [part]
+        scores = knn_scores(bank, bank_labels, torch.cat(parts).to(device), num_classes, ks,
+                            temperature)  # fmt: skip
+        first = sum(len(p) for p in parts[:rank])  # this process's rows of the round
+        for k, s in scores.items():
+            for t in (1, 5):
+                hits[f"top{t}@k{k}"] += topk_hits(s[first : first + len(part)], mine, t)
+    total = global_sum({"n": np.array(len(queries)), **{h: np.array(v) for h, v in hits.items()}})
+    n = max(1, int(total["n"]))
+    return {h: 100.0 * int(total[h]) / n for h in hits if num_classes > 5 or h.startswith("top1")}

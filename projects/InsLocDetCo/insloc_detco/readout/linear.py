@@ -13,7 +13,9 @@ Two trainers share the recipe (:class:`LinearRecipe`):
   (minutes instead of hours; what the mini benchmark, the localization readout and the tests
   use). ``normalize="standardize"`` standardises every feature dimension with the training
   set's mean and std first (a parameter-free BatchNorm, as MAE's linear probe), which makes the
-  learning rate mean the same thing for features of any scale (e.g. random init).
+  learning rate mean the same thing for features of any scale (e.g. random init). The
+  features may be memory-mapped shards on disk (:mod:`.feature_store`), read a minibatch or a
+  block at a time; with ``distributed`` every process trains on its own shard (DDP).
 """
 
 import logging
@@ -30,13 +32,15 @@ from torch.utils.data import DataLoader
 
 from ..engine.trainer import create_ddp_model_any_device
 from .encoder import ReadoutEncoder
+from .feature_store import global_sum, row_blocks, rows_per_block
 from .features import ReadoutImages, eval_transform, extract_features, train_transform
-from .knn import topk_accuracy
+from .knn import topk_hits
 
 __all__ = [
     "LinearRecipe",
     "LinearClassifier",
     "fit_linear",
+    "accuracy",
     "linear_probe",
     "train_linear_protocol",
 ]
@@ -78,10 +82,10 @@ class LinearClassifier(nn.Module):
         nn.init.normal_(self.fc.weight, std=0.01)  # as MoCo's linear classifier
         nn.init.zeros_(self.fc.bias)
 
-    def standardize_with(self, x: torch.Tensor):
-        """Set mean/std from (N, dim) training features."""
-        self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0).clamp_min(1e-6))
+    def standardize(self, mean: torch.Tensor, std: torch.Tensor):
+        """Set the (dim,) mean and std that inputs are standardised with."""
+        self.mean.copy_(mean)
+        self.std.copy_(std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, dim) -> (N, num_classes) logits."""
@@ -100,34 +104,98 @@ def _optimizer(model: nn.Module, recipe: LinearRecipe, steps_per_epoch: int):
     return opt, sched
 
 
-def fit_linear(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, recipe: LinearRecipe
-) -> LinearClassifier:
+class _Samples:
     """
-    Train a linear classifier on cached features, in this process.
+    Cached features as samples: (N, D) or (N, G, D) (G candidates per sample), a tensor or a
+    memory-mapped array (:mod:`.feature_store`); minibatches and blocks are read on demand.
+    """
+
+    def __init__(self, x):
+        self.x = x
+        self.dim = x.shape[-1]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def take(self, idx: torch.Tensor, device) -> torch.Tensor:
+        """(b,) sample indices -> (b, D) or (b, G, D) float32 on ``device``."""
+        if isinstance(self.x, np.ndarray):
+            return torch.from_numpy(self.x[idx.numpy()]).to(device).float()
+        return self.x[idx].to(device).float()
+
+    def rows(self):
+        """The features as (R, D) rows (a view)."""
+        return self.x.reshape(-1, self.dim)
+
+
+def _moments(samples: _Samples, distributed: bool):
+    """Mean and (unbiased) std per dimension over all rows, of every process when
+    ``distributed``: two passes of blocks, sums accumulated in float64."""
+    rows = samples.rows()
+    total = torch.zeros(samples.dim, dtype=torch.float64)
+    for _, block in row_blocks(rows):
+        total += block.sum(0, dtype=torch.float64)
+    sums = {"n": np.array(rows.shape[0]), "sum": total.numpy()}
+    sums = global_sum(sums) if distributed else sums
+    n = max(1, int(sums["n"]))
+    mean = torch.from_numpy(sums["sum"] / n).float()
+    squares = torch.zeros(samples.dim, dtype=torch.float64)
+    for _, block in row_blocks(rows):
+        squares += (block - mean).square_().sum(0, dtype=torch.float64)
+    sq = global_sum({"sq": squares.numpy()})["sq"] if distributed else squares.numpy()
+    std = torch.from_numpy(np.sqrt(sq / max(1, n - 1))).float()
+    return mean, std.clamp_min(1e-6)
+
+
+def _steps(n_local: int, recipe: LinearRecipe, distributed: bool):
+    """(batch per process, steps per epoch): every process takes the same number of full
+    batches from its own samples."""
+    world = comm.get_world_size() if distributed else 1
+    if recipe.batch_size % world:
+        raise ValueError(f"batch size {recipe.batch_size} is not divisible by {world} processes")
+    n_min = min(comm.all_gather(n_local)) if world > 1 else n_local
+    if n_min == 0:
+        raise ValueError("A process has no training samples (more processes than samples).")
+    batch = min(recipe.batch_size // world, n_min)
+    return batch, n_min // batch
+
+
+def fit_linear(
+    x, y, num_classes: int, recipe: LinearRecipe, distributed: bool = False, device="cpu",
+) -> LinearClassifier:  # fmt: skip
+    """
+    Train a linear classifier on cached features.
 
     Args:
         x: (N, D) float features, or (N, G, D): G candidates per sample, scored by one shared
             linear function and normalised with a softmax over the G (``num_classes`` must be
-            1; the label is the index of the right candidate).
-        y: (N,) int64 labels.
+            1; the label is the index of the right candidate). A tensor or a memory-mapped
+            array: minibatches are read from it.
+        y: (N,) int64 labels (anything indexed by a (b,) int64 tensor).
+        distributed: every process calls this with its own shard of the samples; the layer is
+            a DDP model, each step takes ``batch_size / world`` samples from every process.
+        device: where the layer is trained.
     Returns:
-        the trained :class:`LinearClassifier` (on the CPU, eval mode).
+        the trained :class:`LinearClassifier` (on the CPU, eval mode; the same in every process).
     """
-    g = torch.Generator().manual_seed(recipe.seed)
+    samples = _Samples(x)
+    rank = comm.get_rank() if distributed else 0
+    g = torch.Generator().manual_seed(recipe.seed + 1_000_003 * rank)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        model = LinearClassifier(x.shape[-1], num_classes)
+        head = LinearClassifier(samples.dim, num_classes)
     if recipe.normalize == "standardize":
-        model.standardize_with(x.reshape(-1, x.shape[-1]))
-    batch = min(recipe.batch_size, len(x))
-    steps = max(1, len(x) // batch)  # drop the last partial batch, as a DataLoader would
+        head.standardize(*_moments(samples, distributed))
+    batch, steps = _steps(len(samples), recipe, distributed)
+    head = head.to(device)
+    model = create_ddp_model_any_device(head, broadcast_buffers=False) if distributed else head
     opt, sched = _optimizer(model, recipe, steps)
     for _ in range(recipe.epochs):
-        order = torch.randperm(len(x), generator=g)
+        order = torch.randperm(len(samples), generator=g)
         for i in range(steps):
             idx = order[i * batch : (i + 1) * batch]
-            loss = F.cross_entropy(_logits(model, x[idx]), y[idx])
+            target = torch.as_tensor(y[idx], dtype=torch.long).to(device)
+            loss = F.cross_entropy(_logits(model, samples.take(idx, device)), target)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -137,30 +205,51 @@ def fit_linear(
                 f"The linear classifier diverged (loss {loss.item()}) at lr {recipe.lr}: lower "
                 "the learning rate or standardise the features (normalize='standardize')."
             )
-    return model.eval()
+    return head.cpu().eval()
 
 
-def _logits(model: LinearClassifier, x: torch.Tensor) -> torch.Tensor:
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(N, D) -> (N, C); (N, G, D) -> (N, G) scores of the G candidates."""
     return model(x) if x.dim() == 2 else model(x).squeeze(-1)
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
-    scores = torch.cat([_logits(model, c) for c in x.split(4096)])
-    out = {"top1": topk_accuracy(scores, y, 1)}
-    if scores.shape[1] > 5:
-        out["top5"] = topk_accuracy(scores, y, 5)
+def accuracy(model: nn.Module, x, y, distributed: bool = False, device="cpu") -> Dict[str, float]:
+    """
+    Top-1 (and top-5 with more than 5 classes) accuracy (%) of ``model`` on (N, D) or (N, G, D)
+    features (a tensor or a memory-mapped array), read in blocks; over the shards of all
+    processes when ``distributed``.
+    """
+    samples, model = _Samples(x), model.to(device)
+    block = rows_per_block(4 * int(np.prod(samples.x.shape[1:])))
+    hits = {"n": np.array(len(samples)), "top1": np.array(0), "top5": np.array(0)}
+    classes = 0
+    for start in range(0, len(samples), block):
+        idx = torch.arange(start, min(start + block, len(samples)))
+        scores = _logits(model, samples.take(idx, device)).cpu()
+        labels = torch.as_tensor(y[idx], dtype=torch.long)
+        classes = scores.shape[1]
+        for k in (1, 5):
+            hits[f"top{k}"] = hits[f"top{k}"] + topk_hits(scores, labels, k)
+    hits = global_sum(hits) if distributed else hits
+    classes = max(comm.all_gather(classes)) if distributed else classes
+    n = max(1, int(hits["n"]))
+    out = {"top1": 100.0 * int(hits["top1"]) / n}
+    if classes > 5:
+        out["top5"] = 100.0 * int(hits["top5"]) / n
     return out
 
 
 def linear_probe(
-    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-    num_classes: int, recipe: LinearRecipe,
+    train_x, train_y, val_x, val_y, num_classes: int, recipe: LinearRecipe,
+    distributed: bool = False, device="cpu",
 ) -> Dict[str, float]:  # fmt: skip
-    """Fit on cached training features, evaluate on validation features: {"top1", "top5"} (%)."""
-    model = fit_linear(train_x.float(), train_y.long(), num_classes, recipe)
-    return _accuracy(model, val_x.float(), val_y.long())
+    """
+    Fit on cached training features, evaluate on validation features: {"top1", "top5"} (%).
+    Features and labels as :func:`fit_linear` (``distributed``: every process passes its shards).
+    """
+    model = fit_linear(train_x, train_y, num_classes, recipe, distributed, device)
+    return accuracy(model, val_x, val_y, distributed, device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -182,6 +271,28 @@ class _EpochOrder(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.steps * self.batch
+
+
+def _resume(checkpoint: Optional[str], parts: Dict, recipe: LinearRecipe) -> int:
+    """Load ``parts`` (name -> object with ``load_state_dict``) from ``checkpoint`` if it
+    exists; returns the epoch to start from (0 without a checkpoint)."""
+    if not (checkpoint and os.path.isfile(checkpoint)):
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state.get("recipe") != recipe.as_dict():
+        raise ValueError(f"{checkpoint} was written with another recipe; delete it to restart.")
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    logger.info(f"Resumed the linear classifier from {checkpoint} at epoch {state['epoch']}")
+    return state["epoch"]
+
+
+def _save(checkpoint: str, parts: Dict, recipe: LinearRecipe, epoch: int):
+    """Write ``parts`` and the number of finished epochs to ``checkpoint`` (atomic rename)."""
+    state = {name: part.state_dict() for name, part in parts.items()}
+    tmp = checkpoint + ".tmp"
+    torch.save({**state, "epoch": epoch, "recipe": recipe.as_dict()}, tmp)
+    os.replace(tmp, checkpoint)
 
 
 def train_linear_protocol(
@@ -226,17 +337,8 @@ def train_linear_protocol(
     model = create_ddp_model_any_device(head, broadcast_buffers=False)
     opt, sched = _optimizer(model, recipe, sampler.steps)
     labels = torch.as_tensor(train_labels, dtype=torch.long)
-    start_epoch = 0
-    if checkpoint and os.path.isfile(checkpoint):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state.get("recipe") != recipe.as_dict():
-            raise ValueError(f"{checkpoint} was written with another recipe; delete it to restart.")
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"]
-        logger.info(f"Resumed the linear classifier from {checkpoint} at epoch {start_epoch}")
-    for epoch in range(start_epoch, recipe.epochs):
+    parts = {"head": head, "optimizer": opt, "scheduler": sched}
+    for epoch in range(_resume(checkpoint, parts, recipe), recipe.epochs):
         sampler.epoch = epoch
         for images, index in loader:
             feats = encoder(images)["res5"]
@@ -248,13 +350,9 @@ def train_linear_protocol(
         logger.info(f"linear epoch {epoch + 1}/{recipe.epochs}: loss {loss.item():.3f}, "
                     f"lr {sched.get_last_lr()[0]:g}")  # fmt: skip
         if checkpoint and comm.is_main_process():
-            tmp = checkpoint + ".tmp"
-            torch.save({"epoch": epoch + 1, "head": head.state_dict(), "optimizer":
-                        opt.state_dict(), "scheduler": sched.state_dict(),
-                        "recipe": recipe.as_dict()}, tmp)  # fmt: skip
-            os.replace(tmp, checkpoint)
-    val = extract_features(
-        encoder, val_records, eval_transform(resize, crop), num_workers=num_workers, name="val"
-    )
-    head = head.cpu().eval()
-    return _accuracy(head, val["res5"], torch.as_tensor(val_labels, dtype=torch.long)[val["index"]])
+            _save(checkpoint, parts, recipe, epoch + 1)
+    # Every process scores its shard of the validation images.
+    val = extract_features(encoder, val_records, eval_transform(resize, crop),
+                           num_workers=num_workers, gather=False, name="val")  # fmt: skip
+    labels = torch.as_tensor(val_labels, dtype=torch.long)[val["index"]]
+    return accuracy(head.eval(), val["res5"], labels, distributed=True, device=encoder.device)

@@ -23,7 +23,14 @@ import torch
 
 from .linear import LinearRecipe, linear_probe
 
-__all__ = ["grid_boxes", "cell_labels", "object_cells", "localization_probe", "object_cell_probe"]
+__all__ = [
+    "grid_boxes",
+    "cell_labels",
+    "CellLabels",
+    "object_cells",
+    "localization_probe",
+    "object_cell_probe",
+]
 
 
 def grid_boxes(height: int, width: int, grid: int = 3) -> torch.Tensor:
@@ -43,21 +50,30 @@ def cell_labels(num_images: int, cells: int) -> torch.Tensor:
     return torch.arange(cells).repeat(num_images)
 
 
+class CellLabels:
+    """:func:`cell_labels` computed for the rows asked for (nothing stored per row)."""
+
+    def __init__(self, cells: int):
+        self.cells = cells
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return torch.as_tensor(rows, dtype=torch.long) % self.cells
+
+
 def localization_probe(
-    train_boxes: torch.Tensor, val_boxes: torch.Tensor, cells: int, recipe: LinearRecipe
-) -> Dict[str, float]:
+    train_boxes, val_boxes, cells: int, recipe: LinearRecipe, distributed: bool = False,
+    device="cpu",
+) -> Dict[str, float]:  # fmt: skip
     """
     Args:
-        train_boxes, val_boxes: (N * cells, D) per-cell features, image-major.
+        train_boxes, val_boxes: (N * cells, D) per-cell features, image-major (tensors or
+            memory-mapped arrays; ``distributed``: this process's shards).
         cells: M.
     Returns:
         {"Loc": top-1 accuracy (%) of the cell index on the validation cells}.
     """
-    n_train, n_val = train_boxes.shape[0] // cells, val_boxes.shape[0] // cells
-    acc = linear_probe(
-        train_boxes, cell_labels(n_train, cells), val_boxes, cell_labels(n_val, cells), cells,
-        recipe,
-    )  # fmt: skip
+    labels = CellLabels(cells)
+    acc = linear_probe(train_boxes, labels, val_boxes, labels, cells, recipe, distributed, device)
     return {"Loc": acc["top1"]}
 
 
@@ -84,19 +100,21 @@ def object_cells(records: List[Dict], resize: int, crop: int, grid: int = 3) -> 
 
 
 def object_cell_probe(
-    train_boxes: torch.Tensor, train_cells: torch.Tensor, val_boxes: torch.Tensor,
-    val_cells: torch.Tensor, cells: int, recipe: LinearRecipe,
+    train_boxes, train_cells: torch.Tensor, val_boxes, val_cells: torch.Tensor, cells: int,
+    recipe: LinearRecipe, distributed: bool = False, device="cpu",
 ) -> Dict[str, float]:  # fmt: skip
     """
     Args:
-        train_boxes, val_boxes: (N * cells, D) per-cell features, image-major.
+        train_boxes, val_boxes: (N * cells, D) per-cell features, image-major (tensors or
+            memory-mapped arrays; ``distributed``: this process's shards).
         train_cells, val_cells: (N,) the cell of each image's object (:func:`object_cells`).
     Returns:
         {"ObjLoc": top-1 accuracy (%) of the object's cell on the validation images}.
     """
     d = train_boxes.shape[1]
     acc = linear_probe(
-        train_boxes.view(-1, cells, d), train_cells, val_boxes.view(-1, cells, d), val_cells, 1,
-        recipe,
+        train_boxes.reshape(-1, cells, d), train_cells, val_boxes.reshape(-1, cells, d),
+        val_cells, 1, recipe, distributed, device,
     )  # fmt: skip
     return {"ObjLoc": acc["top1"]}
+

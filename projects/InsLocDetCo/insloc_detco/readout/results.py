@@ -1,32 +1,22 @@
 """
 Readout results -> ``results.json`` (one entry per protocol, weights and data) and
-``results.md`` (one Markdown table per protocol), as ``eval_transfer.py run`` writes them; the
-JSON files, machine description, date and mean +- std come from
-:mod:`insloc_detco.transfer.results`.
+``results.md`` (one Markdown table per protocol), through the results files every run writes
+(:mod:`insloc_detco.engine.runs`).
 """
 
 import os
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Dict
 
-from ..transfer.results import (
-    format_mean_std,
-    machine_description,
-    mean_std,
-    merge_results_files,
-    now,
-)
+from ..engine.runs import RANDOM_INIT, merge_results_files
 
 __all__ = [
     "METRIC_COLUMNS",
+    "COLUMN_LABELS",
     "result_key",
     "merge_results",
     "markdown_tables",
     "comparison_table",
-    "mean_std",
-    "format_mean_std",
-    "machine_description",
-    "now",
 ]
 
 # Protocol -> the metrics its table shows, in order (others stay in results.json).
@@ -35,10 +25,24 @@ METRIC_COLUMNS = OrderedDict(
         ("knn", ["top1@k20", "top1@k200", "top5@k20", "top5@k200"]),
         ("linear", ["top1", "top5"]),
         ("loc", ["Loc", "ObjLoc", "Cls"]),
-        ("svm", [f"mAP11_res{i}" for i in (2, 3, 4, 5)] + [f"mAP_res{i}" for i in (2, 3, 4, 5)]),
+        ("svm", [f"mAP_res{i}" for i in (2, 3, 4, 5)] + [f"mAP11_res{i}" for i in (2, 3, 4, 5)]),
         ("views", [f"top1_res{i}" for i in (2, 3, 4, 5)]),
     ]
 )
+# What a table header says for a metric, where the key alone would mislead.
+COLUMN_LABELS = {
+    # loc's linear classification runs on cached, unaugmented res5 features with the loc
+    # recipe: not MoCo's linear protocol behind InsLoc's Table 3a "Cls" (that is `linear`).
+    "Cls": "Cls (cached)",
+    **{f"mAP_res{i}": f"res{i} mAP" for i in (2, 3, 4, 5)},
+    **{f"mAP11_res{i}": f"res{i} mAP11" for i in (2, 3, 4, 5)},
+}
+# A line under a protocol's table.
+CAPTIONS = {
+    "loc": "Cls (cached): linear classifier on cached res5 features with the loc recipe, not "
+    "MoCo's augmented linear protocol of InsLoc's Table 3a (run `linear` for that).",
+    "svm": "mAP: all-point VOC AP (DetCo's Table 12 number); mAP11: VOC07 11-point AP.",
+}
 
 
 def result_key(protocol: str, weights: str, train: str, val: str, layout: str) -> str:
@@ -63,7 +67,7 @@ def markdown_tables(results: Dict[str, Dict]) -> str:
             continue
         cols = [c for c in columns if any(c in r["metrics"] for r in rows)]
         out.append(f"### {protocol}\n")
-        head = " | ".join(cols)
+        head = " | ".join(COLUMN_LABELS.get(c, c) for c in cols)
         out.append(f"| weights | layout | train -> val | {head} | machine | date |")
         out.append("|---|---|---|" + "---|" * len(cols) + "---|---|")
         for r in rows:
@@ -72,6 +76,8 @@ def markdown_tables(results: Dict[str, Dict]) -> str:
                 f"| {os.path.basename(r['weights'])} | {r['layout']} | {r['train']} -> "
                 f"{r['val']} | " + " | ".join(cells) + f" | {r['machine']} | {r['date']} |"
             )
+        if protocol in CAPTIONS and any(COLUMN_LABELS.get(c, c) != c for c in cols):
+            out.append(f"\n{CAPTIONS[protocol]}")
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -95,7 +101,7 @@ COMPARISON = OrderedDict(
         ("Views res4", ("views", "top1_res4", _images)),
         ("Views res5", ("views", "top1_res5", _images)),
         ("kNN", ("knn", "top1@k", _classes)),
-        ("Cls", ("loc", "Cls", _classes)),
+        ("Cls (cached)", ("loc", "Cls", _classes)),
         ("linear", ("linear", "top1", _classes)),
         ("Loc", ("loc", "Loc", _cells)),
         ("ObjLoc", ("loc", "ObjLoc", _cells)),
@@ -106,8 +112,8 @@ COMPARISON = OrderedDict(
 def comparison_table(results: Dict[str, Dict]) -> str:
     """
     One row per weights file, one column per readout found in ``results`` (view retrieval
-    top-1 on res4 / res5, kNN top-1 at k = 20, Cls, linear top-1, Loc, ObjLoc), and a last row
-    with the chance levels.
+    top-1 on res4 / res5, kNN top-1 at k = 20, loc's Cls on cached features, linear top-1, Loc,
+    ObjLoc), and a last row with the chance levels.
     """
     rows: "OrderedDict[str, Dict[str, float]]" = OrderedDict()
     chance, cols = {}, []
@@ -126,12 +132,7 @@ def comparison_table(results: Dict[str, Dict]) -> str:
     cols = [c for c in COMPARISON if c in cols]
     lines = ["| weights | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for weights, m in rows.items():
-        name = "random init" if weights == "random" else weights
+        name = "random init" if weights == RANDOM_INIT else weights
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
     lines.append("| (chance) | " + " | ".join(_fmt(chance[c]) for c in cols) + " |")
     return "\n".join(lines) + "\n"
-
-
-
-def entries_of(results: Dict[str, Dict], protocol: str) -> List[Dict]:
-    return [r for r in results.values() if r["protocol"] == protocol]

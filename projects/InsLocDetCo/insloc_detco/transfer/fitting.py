@@ -1,9 +1,15 @@
 """
-Keep, of a conversion, what a given detector uses, so that every written tensor loads: the
-ResNet must fit completely (else an error: another depth or block type than the config's), the
-FPN and the box head transfer whole or not at all. A pretrained group is only placed in the
-same architecture: InsLoc's 4conv1fc box head (with BN) is left out of a detector whose box
-head is the standard 2fc one (DetCo's protocol), an FPN with BN out of an FPN without norm.
+Weights against a detectron2 model, by state-dict name.
+
+* :func:`fit_to_detector`: keep, of a conversion, what a given detector uses, so that every
+  written tensor loads: the ResNet must fit completely (else an error: another depth or block
+  type than the config's), the FPN and the box head transfer whole or not at all. A pretrained
+  group is only placed in the same architecture: InsLoc's 4conv1fc box head (with BN) is left
+  out of a detector whose box head is the standard 2fc one (DetCo's protocol), an FPN with BN
+  out of an FPN without norm.
+* :func:`match_weights`: the one rule by which a weights file is loaded into a model, a
+  detector to fine-tune or the readout network: detectron2's names (with its matching
+  heuristics where the file asks for them), no tensor of another shape, the whole ResNet.
 """
 
 import dataclasses
@@ -13,10 +19,18 @@ from collections import OrderedDict
 from typing import Dict, Iterable, List
 
 import torch
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
+from .config import quiet_logger
 from .transferable import ConversionError
 
-__all__ = ["fit_to_detector", "detector_resnet_keys"]
+__all__ = [
+    "fit_to_detector",
+    "detector_resnet_keys",
+    "WeightsMatch",
+    "match_weights",
+    "match_model_zoo_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -135,3 +149,86 @@ def fit_to_detector(conversion, model_state: Dict[str, torch.Tensor]):
             left_out += [(s, n, reason) for s, d, n, _ in written if d.startswith(prefix)]
             written = [r for r in written if not r[1].startswith(prefix)]
     return dataclasses.replace(conversion, model=model, written=written, left_out=left_out)
+
+
+@dataclasses.dataclass
+class WeightsMatch:
+    """
+    Attributes:
+        loaded: name -> tensor of what loads into the model (its names, its shapes).
+        unused: tensors of the weights the model has no place for (counters aside).
+        missing: tensors of the model the weights leave at their initialisation (counters
+            aside).
+    """
+
+    loaded: Dict[str, torch.Tensor]
+    unused: List[str]
+    missing: List[str]
+
+
+def match_weights(
+    model_state: Dict[str, torch.Tensor],
+    weights: Dict,
+    source: str,
+    model: str,
+    *,
+    heuristics: bool = False,
+    caffe2: bool = False,
+    allow_unused: bool = False,
+) -> WeightsMatch:
+    """
+    Match ``weights`` to a model the way ``DetectionCheckpointer`` will load them.
+
+    Args:
+        model_state: the model's ``state_dict()``.
+        weights: name -> tensor or array, detectron2 names.
+        source: the file, for messages; model: what it is loaded into, for messages
+            (e.g. "the detector of this benchmark").
+        heuristics, caffe2: match names with detectron2's ``align_and_update_state_dicts``
+            (what a model-zoo file with ``matching_heuristics`` asks for).
+        allow_unused: tensors the model has no place for are left out (else an error).
+    Raises:
+        ConversionError: a tensor has another shape than the model's, would be unused (unless
+            ``allow_unused``), or the model's ResNet would stay partly randomly initialised.
+    """
+    state = {k: torch.as_tensor(v) for k, v in weights.items()}
+    if heuristics:
+        # Its table of matches is printed again when the model loads the weights.
+        with quiet_logger("detectron2.checkpoint.c2_model_loading"):
+            state = align_and_update_state_dicts(model_state, state, c2_conversion=caffe2)
+    wrong = [k for k in state if k in model_state and state[k].shape != model_state[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ConversionError(
+            f"{len(wrong)} tensors of '{source}' do not fit {model}, e.g. {k}: "
+            f"{tuple(state[k].shape)} vs {tuple(model_state[k].shape)} (is it a ResNet-50 like "
+            "the config's?)."
+        )
+    counter = "num_batches_tracked"
+    loaded = {k: v for k, v in state.items() if k in model_state}
+    unused = [k for k in state if k not in loaded and not k.endswith(counter)]
+    if unused and not allow_unused:
+        raise ConversionError(
+            f"{len(unused)} tensors of '{source}' would not be used by {model}, e.g. "
+            f"{unused[0]} (no such tensor): give the checkpoint itself, it is converted for "
+            "each layout."
+        )
+    missing = [k for k in model_state if k not in loaded and not k.endswith(counter)]
+    resnet = set(detector_resnet_keys(model_state))
+    missing_resnet = [k for k in missing if k in resnet]
+    if missing_resnet:
+        raise ConversionError(
+            f"'{source}' leaves {len(missing_resnet)} tensors of the ResNet of {model} randomly "
+            f"initialised, e.g. {missing_resnet[0]}: refusing a partly random backbone."
+        )
+    return WeightsMatch(loaded, unused, missing)
+
+
+def match_model_zoo_file(model_state, data: Dict, source: str, model: str, **kwargs):
+    """:func:`match_weights` of a loaded model-zoo ``.pkl`` (``load_model_zoo_pkl``), with the
+    name matching the file asks for; ``kwargs``: ``allow_unused``."""
+    heuristics = bool(data.get("matching_heuristics", False))
+    caffe2 = data.get("__author__") == "Caffe2"
+    return match_weights(
+        model_state, data["model"], source, model, heuristics=heuristics, caffe2=caffe2, **kwargs
+    )

@@ -120,16 +120,31 @@ def normalise_state_dict(
     if ddp:
         sd = OrderedDict((k[len("module.") :], v) for k, v in sd.items())
 
+    _refuse_two_resnets(sd)
+    out = _normalise_layout(sd, meta_architecture, container)
+    if ddp:
+        out.add_prefix("module.")
+    missing = [s for s in STAGES if not any(k.startswith(f"resnet.{s}.") for k in out.tensors)]
+    if missing:
+        raise ConversionError(
+            f"The {out.format} lacks ResNet stage(s) {missing}: refusing a partial conversion."
+        )
+    return out
+
+
+def _normalise_layout(sd: Dict, meta_architecture: Optional[str], container: Dict) -> Transferable:
+    """The layout's normaliser for state dict ``sd`` (DDP prefix removed), chosen from its names;
+    a clear :class:`ConversionError` for what no normaliser reads."""
+
     def has(prefix):
         return any(k.startswith(prefix) for k in sd)
 
-    _refuse_two_resnets(sd)
     if has(_Q + "backbone."):
-        out = layouts.normalise_ours(sd, meta_architecture)
+        return layouts.normalise_ours(sd, meta_architecture)
     elif _Q + "conv1.weight" in sd:
-        out = layouts.normalise_moco(sd, container)
+        return layouts.normalise_moco(sd, container)
     elif _Q + "0.conv1.weight" in sd:
-        out = layouts.normalise_openselfsup(sd)
+        return layouts.normalise_openselfsup(sd)
     elif "backbone.conv1.weight" in sd and has("backbone.layer1."):
         if has("neck.") or has("roi_head."):
             if not (has("backbone_k.") or has("queue")):
@@ -139,14 +154,14 @@ def normalise_state_dict(
                     "queue): its head naming is ambiguous. Convert its ResNet alone: keep the "
                     "'backbone.*' tensors."
                 )
-            out = layouts.normalise_instance_loc(sd)
+            return layouts.normalise_instance_loc(sd)
         else:
-            out = layouts.normalise_torchvision(sd, "backbone.", container)
+            return layouts.normalise_torchvision(sd, "backbone.", container)
     elif "conv1.weight" in sd and has("layer1."):
-        out = layouts.normalise_torchvision(sd, "", container)
+        return layouts.normalise_torchvision(sd, "", container)
     elif any(has(p) for p in ("stem.", "res2.", "backbone.stem.", "backbone.res2.",
                               "backbone.bottom_up.", "roi_heads.res5.")):  # fmt: skip
-        out = layouts.normalise_detectron2(sd, container)
+        return layouts.normalise_detectron2(sd, container)
     elif any(_CAFFE2.search(k) for k in sd):
         raise ConversionError(
             "Caffe2 / Detectron names (e.g. 'res2_0_branch2a_w'): an MSRA-style model with the "
@@ -165,14 +180,6 @@ def normalise_state_dict(
             "OpenSelfSup, InstanceLoc (mmdetection) FPN / C4, torchvision-layout ResNets, "
             "detectron2 models."
         )
-    if ddp:
-        out.add_prefix("module.")
-    missing = [s for s in STAGES if not any(k.startswith(f"resnet.{s}.") for k in out.tensors)]
-    if missing:
-        raise ConversionError(
-            f"The {out.format} lacks ResNet stage(s) {missing}: refusing a partial conversion."
-        )
-    return out
 
 
 def _refuse_two_resnets(sd: Dict):

@@ -5,12 +5,14 @@ For each benchmark: convert the weights (any layout :mod:`.formats` recognises) 
 benchmark's detector, keeping what that detector uses (:func:`.converter.fit_to_detector`),
 check that the data sets can be read and that every converted tensor loads, then fine-tune and
 evaluate ``trials`` times with seeds ``seed, seed + 1, ...`` (detectron2 ``launch``: one
-process per GPU, any number of machines). Layout of the output folder::
+process per GPU, any number of machines; the processes of torchrun or srun; or a SLURM job per
+trial), on the plumbing every run shares (:mod:`insloc_detco.engine.runs`). Layout of the
+output folder::
 
     <output>/weights/<run>_<checkpoint>_<layout>.pkl   converted weights
     <output>/<benchmark>/trial<i>/                     detectron2 run: config.yaml (fully
         resolved), inputs.json (weights digest), log.txt, metrics.json, model_final.pth,
-        results.json (= trial finished)
+        results.json (= trial finished), submitit/ (a SLURM job's stdout/stderr)
     <output>/results.json, <output>/results.md         mean +- std over trials, all benchmarks
 
 Re-running the command skips finished trials and resumes unfinished ones from their last
@@ -19,50 +21,47 @@ it stops, or with ``force`` starts them again). With several machines the output
 be shared (as for checkpoints).
 """
 
-import contextlib
-import json
 import logging
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
-from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.logger import setup_logger
 
+from ..data.datasets import try_register
 from ..engine import resolve_device
-from ..engine.launch import is_launch_leader, launch
+from ..engine.log_setup import log_to_file
+from ..engine.runs import (
+    RANDOM_INIT,
+    Launch,
+    merge_results_files,
+    read_json,
+    stamped,
+    write_json,
+)
 from .benchmarks import Benchmark
 from .box_head_choice import box_head_for_weights
-from .config import load_transfer_config, quiet_logger
+from .config import load_transfer_config
 from .converter import (
+    ConversionError,
     convert_checkpoint,
-    detector_resnet_keys,
     fit_to_detector,
     load_model_zoo_pkl,
     save_model_zoo_pkl,
     target_of_config,
 )
 from .evaluators import evaluation_problems
-from .results import (
-    machine_description,
-    markdown_table,
-    merge_results_files,
-    now,
-    summarize,
-    write_json,
-)
-from .subsets import ensure_subset_registered
+from .fitting import match_model_zoo_file
+from .results import markdown_table, summarize
 from .trainer import TransferTrainer
 from .trial_state import file_sha256, prepare_trial_dir
 
 __all__ = [
     "TransferError",
-    "setup_console_logging",
     "detector_state",
     "prepare_weights",
     "check_datasets",
@@ -80,9 +79,6 @@ class TransferError(RuntimeError):
 # ------------------------------------------------------------------------------------------
 # Checks done once, in the launching process, before any GPU is busy
 # ------------------------------------------------------------------------------------------
-RANDOM_INIT = "random"  # the ``weights`` that fine-tune from detectron2's random init
-
-
 def detector_state(cfg) -> Dict[str, torch.Tensor]:
     """The state dict of the detector ``cfg`` builds (on the CPU: no GPU is busy yet)."""
     cfg = cfg.clone()
@@ -132,7 +128,7 @@ def check_datasets(cfg, num_machines: int = 1) -> Dict[str, int]:
     then load every train and test set once; returns name -> number of images."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     for name in names:
-        if not ensure_subset_registered(name):
+        if not try_register(name):
             raise TransferError(
                 f"Dataset '{name}' is not registered (builtin names resolve under "
                 "$DETECTRON2_DATASETS, see detectron2's datasets/README.md)."
@@ -160,9 +156,9 @@ def check_datasets(cfg, num_machines: int = 1) -> Dict[str, int]:
 
 def check_weights(cfg, pkl: str, model_state=None) -> Dict[str, int]:
     """
-    Match the ``.pkl`` against the detector the way ``DetectionCheckpointer`` will (name
-    heuristics included): every tensor of the file must load, and the detector's ResNet must
-    come from it completely.
+    Match the ``.pkl`` against the detector the way ``DetectionCheckpointer`` will
+    (:func:`.fitting.match_weights`): every tensor of the file must load, and the detector's
+    ResNet must come from it completely.
 
     Args:
         model_state: :func:`detector_state` of ``cfg`` (built if None).
@@ -173,73 +169,28 @@ def check_weights(cfg, pkl: str, model_state=None) -> Dict[str, int]:
             ResNet would stay partly randomly initialised.
     """
     model_state = model_state if model_state is not None else detector_state(cfg)
-    data = load_model_zoo_pkl(pkl)
-    ckpt = {k: torch.as_tensor(v) for k, v in data["model"].items()}
-    if data.get("matching_heuristics", False):
-        # Its table of matches is printed again when the trial loads the weights.
-        with quiet_logger("detectron2.checkpoint.c2_model_loading"):
-            ckpt = align_and_update_state_dicts(
-                model_state, ckpt, c2_conversion=data["__author__"] == "Caffe2"
-            )
-    loaded = [k for k in ckpt if k in model_state and model_state[k].shape == ckpt[k].shape]
-    unused = [k for k in ckpt if k not in loaded and not k.endswith("num_batches_tracked")]
-    if unused:
-        shape = lambda k: f" {tuple(ckpt[k].shape)} vs {tuple(model_state[k].shape)}" if (
-            k in model_state) else " (no such tensor)"  # fmt: skip
-        raise TransferError(
-            f"{len(unused)} tensors of '{pkl}' would not be used by the detector of this "
-            f"benchmark, e.g. {unused[0]}{shape(unused[0])}. Give `run` the checkpoint itself: "
-            "it is converted for each benchmark's detector."
-        )
-    missing = [k for k in detector_resnet_keys(model_state) if k not in ckpt]
-    if missing:
-        raise TransferError(
-            f"'{pkl}' leaves {len(missing)} tensors of the detector's ResNet randomly "
-            f"initialised, e.g. {missing[0]}."
-        )
-    return {"loaded": len(loaded), "model": len(model_state)}
+    try:
+        data = load_model_zoo_pkl(pkl)
+        match = match_model_zoo_file(model_state, data, pkl, "the detector of this benchmark")
+    except ConversionError as e:
+        raise TransferError(str(e)) from None
+    return {"loaded": len(match.loaded), "model": len(model_state)}
 
 
 # ------------------------------------------------------------------------------------------
 # One trial, in every launched process
 # ------------------------------------------------------------------------------------------
-def setup_console_logging(rank: int = 0):
-    """Console logging of our and detectron2's loggers (cached: calling it again adds nothing)."""
-    for name, abbrev in (("detectron2", "d2"), ("fvcore", None), ("insloc_detco", None)):
-        setup_logger(distributed_rank=rank, name=name, abbrev_name=abbrev)
-
-
-@contextlib.contextmanager
-def _log_to_file(path: str):
-    """Add a file handler to our loggers for the duration of one trial."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(
-        logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s", "%m/%d %H:%M:%S")
-    )
-    handler.setLevel(logging.DEBUG)
-    loggers = [logging.getLogger(n) for n in ("detectron2", "fvcore", "insloc_detco")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-        handler.close()
-
-
 def run_trial(cfg, trial_info: Dict):
     """
     Fine-tune and evaluate once (called by ``launch`` in each process). The main process
     writes ``<OUTPUT_DIR>/results.json``.
     """
     rank = comm.get_rank()
-    setup_console_logging(rank)
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
-        ensure_subset_registered(name)  # spawned processes start with the builtin names only
+        try_register(name)  # spawned processes start with the builtin names only
     log_file = "log.txt" if rank == 0 else f"log.txt.rank{rank}"
     start = time.perf_counter()
-    with _log_to_file(os.path.join(cfg.OUTPUT_DIR, log_file)):
+    with log_to_file(os.path.join(cfg.OUTPUT_DIR, log_file)):
         seed_all_rng(cfg.SEED + rank)
         trainer = TransferTrainer(cfg)
         trainer.resume_or_load(resume=True)  # continue an interrupted trial
@@ -248,17 +199,8 @@ def run_trial(cfg, trial_info: Dict):
     if comm.is_main_process():
         if not metrics:
             raise TransferError(f"Trial in {cfg.OUTPUT_DIR} produced no evaluation results.")
-        write_json(
-            os.path.join(cfg.OUTPUT_DIR, "results.json"),
-            {
-                **trial_info,
-                "metrics": metrics,
-                "world_size": comm.get_world_size(),
-                "wall_s": round(time.perf_counter() - start, 1),
-                "machine": machine_description(),
-                "date": now(),
-            },
-        )
+        result = stamped({**trial_info, "metrics": metrics}, start)
+        write_json(os.path.join(cfg.OUTPUT_DIR, "results.json"), result)
     comm.synchronize()
 
 
@@ -276,6 +218,71 @@ def _trial_config(base_cfg, pkl: str, trial_dir: str, seed: int):
     return cfg
 
 
+def _prepare_benchmark(
+    bench: Benchmark, weights: str, output_dir: str, opts: Sequence[str], launch: Launch
+):
+    """
+    The checks of one benchmark, in the launching process: its config, the weights converted
+    for its detector (every tensor loads), its data sets and evaluators.
+
+    Returns:
+        (config, path of the converted ``.pkl``: "" for random init).
+    """
+    cfg = load_transfer_config(bench.config, opts)
+    cfg = box_head_for_weights(cfg, weights, opts)  # InsLoc's FPN protocol: head per source
+    pkl, source = "", "random initialisation (no pretrained tensor)"
+    if weights != RANDOM_INIT:
+        model_state = detector_state(cfg)
+        pkl = prepare_weights(weights, cfg, output_dir, model_state)
+        report = check_weights(cfg, pkl, model_state)
+        source = f"{report['loaded']} of the detector's {report['model']} tensors come from "
+        source += os.path.basename(pkl)
+    counts = check_datasets(cfg, launch.machines)
+    logger.info(f"[{bench.name}] {source}; data: {counts}")
+    return cfg, pkl
+
+
+def _run_trials(
+    bench: Benchmark,
+    cfg,
+    pkl: str,
+    trials: int,
+    seed: int,
+    output_dir: str,
+    launch: Launch,
+    force: bool,
+) -> List[str]:
+    """Run trials ``0..trials-1`` (seeds ``seed + t``), skipping those finished earlier; with
+    a submitting launch, each unfinished trial is a SLURM job instead (logs in its
+    ``submitit/``). Returns their results.json files."""
+    weights_sha256 = file_sha256(pkl)
+    files = []
+    for t in range(trials):
+        trial_dir = os.path.join(output_dir, bench.name, f"trial{t}")
+        files.append(os.path.join(trial_dir, "results.json"))
+        trial_cfg = _trial_config(cfg, pkl, trial_dir, seed + t)
+        try:
+            state = prepare_trial_dir(trial_dir, trial_cfg.dump(), weights_sha256, force,
+                                      write=launch.collects_results)  # fmt: skip
+        except ValueError as e:
+            raise TransferError(f"[{bench.name}] trial {t}: {e}") from None
+        if state == "finished":
+            logger.info(f"[{bench.name}] trial {t}: finished earlier, skipped ({files[-1]})")
+            continue
+        solver = trial_cfg.SOLVER
+        info = {"benchmark": bench.name, "trial": t, "seed": seed + t, "weights": pkl,
+                "config": bench.config, "max_iter": solver.MAX_ITER,
+                "ims_per_batch": solver.IMS_PER_BATCH, "base_lr": solver.BASE_LR}  # fmt: skip
+        logger.info(f"[{bench.name}] trial {t} ({state}): seed {seed + t}, {trial_dir}")
+        if launch.submits:
+            folder = os.path.join(trial_dir, "submitit")
+            job = launch.submit(folder, f"{bench.name}-trial{t}", run_trial, trial_cfg, info)
+            logger.info(f"[{bench.name}] trial {t}: submitted as SLURM job {job} ({folder})")
+            continue
+        launch(run_trial, trial_cfg, info)
+    return files
+
+
 def run_benchmarks(
     weights: str,
     benchmarks: Sequence[Benchmark],
@@ -283,12 +290,8 @@ def run_benchmarks(
     trials: Optional[int] = None,
     seed: int = 1,
     opts: Sequence[str] = (),
-    num_gpus: int = 1,
-    num_machines: int = 1,
-    machine_rank: int = 0,
-    dist_url: str = "auto",
+    launch: Launch = Launch(),
     force: bool = False,
-    submit_trial: Optional[Callable] = None,
 ) -> Dict[str, Dict]:
     """
     Args:
@@ -299,74 +302,35 @@ def run_benchmarks(
         trials: fine-tunes per benchmark (None: each benchmark's default).
         seed: seed of the first trial; trial i uses ``seed + i``.
         opts: ``KEY VALUE`` config overrides for every benchmark.
-        num_gpus, num_machines, machine_rank, dist_url: as detectron2's ``launch``.
+        launch: the processes of each trial (one per GPU; several machines), or a SLURM job
+            per trial (``launch.submits``).
         force: start again a trial that was started with another config or weights (see
             :mod:`.trial_state`); else that is an error.
-        submit_trial: ``submit_trial(trial_cfg, info)`` runs an unfinished trial elsewhere (a
-            SLURM job) instead of launching it here; the tables then hold the finished trials
-            only, and a later run completes them.
     Returns:
-        benchmark name -> results (as written to ``results.json``).
+        benchmark name -> results (as written to ``results.json``; where the launch collects
+        results), for the benchmarks whose trials have all finished.
     """
-    leader = is_launch_leader(machine_rank)  # under torchrun every rank runs this function
     os.makedirs(output_dir, exist_ok=True)
     all_results: Dict[str, Dict] = {}
     for bench in benchmarks:
-        cfg = load_transfer_config(bench.config, opts)
-        cfg = box_head_for_weights(cfg, weights, opts)  # InsLoc's FPN protocol: head per source
-        target = target_of_config(cfg)
-        pkl, source = "", "random initialisation (no pretrained tensor)"
-        if weights != RANDOM_INIT:
-            model_state = detector_state(cfg)
-            pkl = prepare_weights(weights, cfg, output_dir, model_state)
-            report = check_weights(cfg, pkl, model_state)
-            source = f"{report['loaded']} of the detector's {report['model']} tensors come from "
-            source += os.path.basename(pkl)
-        counts = check_datasets(cfg, num_machines)
-        logger.info(f"[{bench.name}] {source}; data: {counts}")
-        weights_sha256 = file_sha256(pkl)
-        done: List[Dict] = []
-        for t in range(trials or bench.trials):
-            trial_dir = os.path.join(output_dir, bench.name, f"trial{t}")
-            result_file = os.path.join(trial_dir, "results.json")
-            trial_cfg = _trial_config(cfg, pkl, trial_dir, seed + t)
-            try:
-                state = prepare_trial_dir(trial_dir, trial_cfg.dump(), weights_sha256, force,
-                                          write=leader)  # fmt: skip
-            except ValueError as e:
-                raise TransferError(f"[{bench.name}] trial {t}: {e}") from None
-            if state == "finished":
-                logger.info(f"[{bench.name}] trial {t}: finished earlier, skipped ({result_file})")
-            else:
-                info = {"benchmark": bench.name, "trial": t, "seed": seed + t, "weights": pkl,
-                        "config": bench.config, "max_iter": trial_cfg.SOLVER.MAX_ITER,
-                        "ims_per_batch": trial_cfg.SOLVER.IMS_PER_BATCH,
-                        "base_lr": trial_cfg.SOLVER.BASE_LR}  # fmt: skip
-                logger.info(f"[{bench.name}] trial {t} ({state}): seed {seed + t}, {trial_dir}")
-                if submit_trial is not None:
-                    submit_trial(trial_cfg, info)
-                    continue
-                launch(run_trial, num_gpus, num_machines, machine_rank, dist_url,
-                       args=(trial_cfg, info))  # fmt: skip
-            if leader:
-                with open(result_file) as f:
-                    done.append(json.load(f))
-        if leader and len(done) == (trials or bench.trials):  # else trials run as jobs
-            all_results[bench.name] = {
-                "benchmark": bench.name,
-                "config": bench.config,
-                "target": target,
-                "weights": pkl or RANDOM_INIT,
-                "trials": done,
-                "summary": summarize(done),
-                "machine": done[-1]["machine"],
-                "date": done[-1]["date"],
-            }
-            _write_tables(output_dir, all_results)
+        cfg, pkl = _prepare_benchmark(bench, weights, output_dir, opts, launch)
+        n = trials or bench.trials
+        files = _run_trials(bench, cfg, pkl, n, seed, output_dir, launch, force)
+        if not launch.collects_results:
+            continue
+        if launch.submits and not all(os.path.isfile(f) for f in files):
+            continue  # trials run as SLURM jobs: a later run without --slurm tabulates them
+        done = [read_json(f) for f in files]
+        all_results[bench.name] = {
+            "benchmark": bench.name,
+            "config": bench.config,
+            "target": target_of_config(cfg),
+            "weights": pkl or RANDOM_INIT,
+            "trials": done,
+            "summary": summarize(done),
+            "machine": done[-1]["machine"],
+            "date": done[-1]["date"],
+        }
+        table = merge_results_files(output_dir, all_results, markdown_table)
+        logger.info(f"Results ({os.path.join(output_dir, 'results.json')}):\n{table}")
     return all_results
-
-
-def _write_tables(output_dir: str, results: Dict[str, Dict]):
-    """Merge into the folder's results.json (other benchmarks run earlier are kept)."""
-    table = merge_results_files(output_dir, results, markdown_table)
-    logger.info(f"Results ({os.path.join(output_dir, 'results.json')}):\n{table}")

@@ -9,27 +9,22 @@ contained in the larger ones (1% in 2% in 5% in 10%), so the sizes compare data 
 The split seed is fixed per data set name; the fine-tuning seed varies between trials.
 
 Registered names: ``coco_2017_train_{1,2,5,10}pct`` (split seed 1), ``demo_det_coco_train_50pct``,
-and any ``<registered name>_<P>pct[_seed<S>]`` on first use via :func:`ensure_subset_registered`.
+and any ``<registered name>_<P>pct[_seed<S>]`` on first use (``data.datasets.try_register``).
 """
 
 import logging
-import re
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-__all__ = [
-    "DEFAULT_SPLIT_SEED",
-    "subset_image_ids",
-    "register_subset",
-    "ensure_subset_registered",
-]
+from ..data.datasets import register_on_first_use, try_register
+
+__all__ = ["DEFAULT_SPLIT_SEED", "subset_image_ids", "register_subset"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPLIT_SEED = 1
-_SUBSET_NAME = re.compile(r"^(?P<base>.+)_(?P<pct>\d+(\.\d+)?)pct(_seed(?P<seed>\d+))?$")
 
 
 def subset_image_ids(image_ids: Sequence, fraction: float, seed: int) -> List:
@@ -79,25 +74,25 @@ def register_subset(name: str, base: str, fraction: float, seed: int = DEFAULT_S
     )
 
 
-def ensure_subset_registered(name: str) -> bool:
-    """
-    Register ``<base>_<P>pct`` / ``<base>_<P>pct_seed<S>`` on first use if ``base`` is
-    registered. Returns whether ``name`` is registered afterwards.
-    """
-    if name in DatasetCatalog.list():
-        return True
-    m = _SUBSET_NAME.match(name)
-    if not m or m.group("base") not in DatasetCatalog.list():
+def _register_named_subset(name: str, base: str, pct: str, seed: Optional[str]) -> bool:
+    """``<base>_<P>pct[_seed<S>]``, if ``base`` is (or can be) registered."""
+    if not try_register(base):
         return False
-    seed = int(m.group("seed")) if m.group("seed") else DEFAULT_SPLIT_SEED
-    register_subset(name, m.group("base"), float(m.group("pct")) / 100, seed)
+    register_subset(name, base, float(pct) / 100, int(seed) if seed else DEFAULT_SPLIT_SEED)
     return True
+
+
+register_on_first_use(
+    "<name>_<P>pct[_seed<S>]",
+    r"(?P<base>.+)_(?P<pct>\d+(?:\.\d+)?)pct(?:_seed(?P<seed>\d+))?",
+    _register_named_subset,
+)
 
 
 def _register_builtin():
     for pct in (1, 2, 5, 10):
-        ensure_subset_registered(f"coco_2017_train_{pct}pct")
-    ensure_subset_registered("demo_det_coco_train_50pct")  # the instant semi-supervised test
+        try_register(f"coco_2017_train_{pct}pct")
+    try_register("demo_det_coco_train_50pct")  # the instant semi-supervised test
 
 
 _register_builtin()

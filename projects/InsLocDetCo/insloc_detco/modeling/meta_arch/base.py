@@ -130,16 +130,18 @@ class ContrastivePretrainer(nn.Module):
         images: ImageBatch,
         boxes: Optional[torch.Tensor],
         augmentation: Optional[PhotometricAugmentation] = None,
+        boxes_if_flipped: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """
-        :meth:`preprocess` for views with one (4,) XYXY box each (``boxes`` (N, 4) on the
-        model's device, or None), flipped with their view. ``augmentation`` replaces the
-        model's own (e.g. DetCo's local crops).
+        :meth:`preprocess` for views with XYXY boxes (``boxes`` (N, 4) or (N, K, 4) on the
+        model's device, or None), flipped with their view; ``boxes_if_flipped`` replaces them
+        for the views that get flipped (see ``PhotometricAugmentation.apply``). ``augmentation``
+        replaces the model's own (e.g. DetCo's local crops).
         """
         x = self.stack(images)
         augmentation = augmentation or self.augmentation
         if self.training and augmentation is not None:
-            x, boxes = augmentation(x, boxes)
+            x, boxes = augmentation(x, boxes, boxes_if_flipped)
         return self.normalize(x), boxes
 
     def stack(self, tensors: ImageBatch) -> torch.Tensor:
@@ -154,6 +156,22 @@ class ContrastivePretrainer(nn.Module):
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def device_augmentations(self) -> List[PhotometricAugmentation]:
+        """The photometric augmentations this model runs on its device (none: the loader)."""
+        return [self.augmentation] if self.augmentation is not None else []
+
+    def compile_step(self, **compile_kwargs):
+        """
+        The fast path: ``torch.compile(**compile_kwargs)`` of what a step runs most, the query
+        and key encoders (forward and backward) and the fixed-shape part of the on-device
+        augmentation (``PhotometricAugmentation.transform``). In place: parameter names,
+        checkpoints and the step's definition are unchanged; the random draws stay eager.
+        """
+        self.encoder_q.compile(**compile_kwargs)
+        self.encoder_k.compile(**compile_kwargs)
+        for augmentation in self.device_augmentations():
+            augmentation.transform = torch.compile(augmentation.transform, **compile_kwargs)
 
     @torch.no_grad()
     def momentum_update(self):

@@ -151,33 +151,27 @@ class DetCo(ContrastivePretrainer):
         self.local_augmentation = local_augmentation
         channels = {f: backbone.output_shape()[f].channels for f in self.in_features}
         global_heads = nn.ModuleDict(
-            {
-                f: GlobalEmbeddingHead(c, global_hidden_mult * c, self.dim, mlp_norm)
-                for f, c in channels.items()
-            }
-        )
+            {f: GlobalEmbeddingHead(c, global_hidden_mult * c, self.dim, mlp_norm)
+             for f, c in channels.items()}
+        )  # fmt: skip
         local_heads = None
         if global_local:
             local_heads = nn.ModuleDict(
-                {
-                    f: PatchSetEmbeddingHead(
-                        c, num_patches, local_hidden_mult * c, self.dim, mlp_norm
-                    )
-                    for f, c in channels.items()
-                }
-            )
+                {f: PatchSetEmbeddingHead(c, num_patches, local_hidden_mult * c, self.dim, mlp_norm)
+                 for f, c in channels.items()}
+            )  # fmt: skip
         self.encoder_q = DetCoEncoder(backbone, global_heads, local_heads)
         self.init_key_encoder()
-        kinds = ("g", "l") if global_local else ("g",)
-        # queues["g"]["res3"]: negatives of the global embeddings of res3 (Queue_g of Fig. 2).
-        self.queues = nn.ModuleDict(
-            {
-                kind: nn.ModuleDict(
-                    {f: ContrastiveQueue(self.dim, self.queue_size) for f in self.in_features}
-                )
-                for kind in kinds
-            }
-        )
+        self.queues = self.build_queues(("g", "l") if global_local else ("g",))
+
+    def build_queues(self, kinds: Sequence[str]) -> nn.ModuleDict:
+        """``queues[kind][stage]``: e.g. ``queues["g"]["res3"]`` holds the negatives of the
+        global embeddings of res3 (Queue_g of Fig. 2)."""
+        return nn.ModuleDict(
+            {kind: nn.ModuleDict({f: ContrastiveQueue(self.dim, self.queue_size)
+                                  for f in self.in_features})
+             for kind in kinds}
+        )  # fmt: skip
 
     @classmethod
     def from_config(cls, cfg):
@@ -226,6 +220,10 @@ class DetCo(ContrastivePretrainer):
             for f, queue in queues.items():
                 queue.enqueue(k[f"{f}/{kind}"])
         return losses
+
+    def device_augmentations(self) -> List[PhotometricAugmentation]:
+        local = [self.local_augmentation] if self.local_augmentation is not None else []
+        return super().device_augmentations() + local
 
     def prepare_inputs(self, batched_inputs: List[Dict]):
         """

@@ -14,10 +14,8 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import Backbone
 from detectron2.modeling.poolers import ROIPooler
-from detectron2.structures import Boxes
 from torch import nn
 
-from ..box_aug import AnchorBoxAugmentation
 from ..contrastive import ContrastiveQueue
 from .base import ContrastivePretrainer, contrastive_args_from_config
 
@@ -55,7 +53,11 @@ def pool_boxes(pooler: Optional[ROIPooler], feature: torch.Tensor, boxes: torch.
     """
     if pooler is None:
         return F.adaptive_avg_pool2d(feature, size)
-    return pooler([feature], [Boxes(b) for b in boxes.split(1)])
+    assert len(pooler.level_poolers) == 1, "one pooler per feature map (level_poolers)"
+    # ROIPooler's (K, 5) format (image index, box) for one box per image, made in two ops
+    # instead of one Boxes and one concatenation per image: what ROIPooler does with one level.
+    index = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)
+    return pooler.level_poolers[0](feature, torch.cat([index[:, None], boxes], dim=1))
 
 
 def boxes_per_level(boxes: torch.Tensor, num_levels: int) -> torch.Tensor:
@@ -80,7 +82,6 @@ class InstanceLocalization(ContrastivePretrainer):
         encoder: nn.Module,
         in_features: Sequence[str],
         level_loss_weights: Sequence[float],
-        box_aug: Optional[AnchorBoxAugmentation] = None,
         box_aug_features: Sequence[str] = (),
         **kwargs,
     ):
@@ -90,8 +91,9 @@ class InstanceLocalization(ContrastivePretrainer):
                 {level: (N, D)} for the levels ``in_features``.
             in_features: the levels with a contrastive loss, in the encoder's order.
             level_loss_weights: w_l, one per level.
-            box_aug: the query-box augmentation; None disables it.
-            box_aug_features: levels whose query box is augmented (others keep the true box).
+            box_aug_features: levels whose query box is the augmented one that the loader drew
+                (``box_q_aug``, see ``CopyPasteMapper``); the others keep the true box. Empty:
+                no box augmentation.
             kwargs: see :class:`ContrastivePretrainer`.
         """
         super().__init__(**kwargs)
@@ -104,7 +106,6 @@ class InstanceLocalization(ContrastivePretrainer):
         self.queues = nn.ModuleDict(
             {f: ContrastiveQueue(self.dim, self.queue_size) for f in self.in_features}
         )
-        self.box_aug = box_aug
         self.box_aug_features = [f for f in self.in_features if f in box_aug_features]
 
     @classmethod
@@ -114,8 +115,7 @@ class InstanceLocalization(ContrastivePretrainer):
             "encoder": cls.build_encoder(cfg),
             "in_features": i.IN_FEATURES,
             "level_loss_weights": i.LEVEL_LOSS_WEIGHTS,
-            "box_aug": AnchorBoxAugmentation(cfg) if i.BOX_AUG else None,
-            "box_aug_features": i.BOX_AUG_FEATURES,
+            "box_aug_features": i.BOX_AUG_FEATURES if i.BOX_AUG else (),
             # InsLoc composites get MoCo v2's photometric family, never RandAugment.
             **contrastive_args_from_config(cfg, randaugment=False),
         }
@@ -129,25 +129,42 @@ class InstanceLocalization(ContrastivePretrainer):
         return self.stack(self.gather(batched_inputs, key)).float()
 
     def views_and_boxes(self, batched_inputs: List[Dict], side: str):
-        """(N, 3, S, S) normalised ``view_<side>`` and their (N, 4) boxes ``box_<side>`` (both
-        flipped when the photometric augmentation runs here)."""
+        """
+        Returns:
+            (N, 3, S, S) normalised ``view_<side>`` and their (N, 4) boxes ``box_<side>`` (both
+            flipped when the photometric augmentation runs here), and for the query side with
+            box augmentation (N, 2, 4): the true box and the augmented one that matches the
+            flip (row 0 or 1 of ``box_q_aug``).
+        """
         views = self.gather(batched_inputs, f"view_{side}")
-        return self.preprocess_with_boxes(views, self.boxes(batched_inputs, f"box_{side}"))
+        boxes = self.boxes(batched_inputs, f"box_{side}")
+        if side == "k" or not self.box_aug_features:
+            return self.preprocess_with_boxes(views, boxes)
+        if "box_q_aug" not in batched_inputs[0]:
+            raise KeyError(
+                "InsLoc's box augmentation (MODEL.INSLOC.BOX_AUG) needs 'box_q_aug' in every "
+                "sample: the loader's CopyPasteMapper draws it (AnchorBoxAugmentation)."
+            )
+        alternatives = self.boxes(batched_inputs, "box_q_aug")  # (N, 2, 4)
+        return self.preprocess_with_boxes(
+            views,
+            torch.stack([boxes, alternatives[:, 0]], dim=1),
+            boxes_if_flipped=torch.stack([boxes, alternatives[:, 1]], dim=1),
+        )
 
-    def query_boxes(self, boxes: torch.Tensor, image_size) -> torch.Tensor:
+    def query_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            boxes: (N, 4) true query boxes.
+            boxes: (N, 4) true query boxes, or (N, 2, 4) the true and the augmented one.
         Returns:
             (N, L, 4): the augmented box on ``box_aug_features`` (one draw per image, shared by
             those levels, as in the reference), the true box elsewhere.
         """
-        per_level = boxes_per_level(boxes, len(self.in_features)).clone()
-        if self.box_aug is not None and self.box_aug_features:
-            jittered = self.box_aug(boxes, image_size)
-            for f in self.box_aug_features:
-                per_level[:, self.in_features.index(f)] = jittered
-        return per_level
+        if boxes.dim() == 2:
+            return boxes_per_level(boxes, len(self.in_features))
+        true, jittered = boxes.unbind(dim=1)
+        per_level = [jittered if f in self.box_aug_features else true for f in self.in_features]
+        return torch.stack(per_level, dim=1)
 
     def forward(self, batched_inputs: List[Dict]):
         """
@@ -157,7 +174,7 @@ class InstanceLocalization(ContrastivePretrainer):
         if not self.training:
             return self.inference(batched_inputs)
         images_q, boxes_q = self.views_and_boxes(batched_inputs, "q")
-        boxes_q = self.query_boxes(boxes_q, images_q.shape[-2:])
+        boxes_q = self.query_boxes(boxes_q)
         q = self.encoder_q(images_q, boxes_q)
         with torch.no_grad():
             self.momentum_update()  # before the key forward, as in MoCo

@@ -3,6 +3,14 @@
 The query's RoI is replaced by an anchor that overlaps the true box: anchors of an RPN-style
 grid with IoU > 0.5 to the box are kept, NMS (0.7) on random scores thins them out, as the
 reference does, and one survivor is picked at random. The key always keeps the true box.
+
+How many anchors qualify and survive depends on the box, so the procedure has data-dependent
+shapes: it runs in the loader (``CopyPasteMapper``), per sample, where that costs nothing, and
+the training step stays fixed-shape. The reference picks the anchor for the box as finally
+flipped, and the grid (offset 0) is mirror-symmetric only where the canvas side is a multiple of
+the stride (the recipes: 256 / 16); so when the flip is drawn later on the device, the loader
+picks one anchor for each outcome of the flip (:meth:`AnchorBoxAugmentation.for_both_flips`)
+and the step keeps the one that matches, which is exact for any grid.
 """
 from typing import Sequence, Tuple
 
@@ -12,6 +20,8 @@ from detectron2.layers import batched_nms
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.structures import Boxes, pairwise_iou
 from torch import nn
+
+from .photometric import hflip_boxes
 
 __all__ = ["AnchorBoxAugmentation"]
 
@@ -88,6 +98,22 @@ class AnchorBoxAugmentation(nn.Module):
         scores = torch.rand(len(owners), device=boxes.device)
         keep = batched_nms(candidates, scores, owners, self.nms_threshold)
         return candidates[keep[_pick_one_per_group(owners[keep], len(boxes))]]
+
+
+    @torch.no_grad()
+    def for_both_flips(self, boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+        """
+        Args:
+            boxes: (N, 4) XYXY true boxes of views that may be flipped horizontally later.
+            image_size: (H, W) of the views.
+        Returns:
+            (N, 2, 4): ``[:, 0]`` the augmented box if the view stays as it is; ``[:, 1]`` the
+            augmentation of the mirrored box, mirrored back, so that flipping it with its view
+            gives an anchor of the grid drawn for the flipped box. Independent draws.
+        """
+        width = image_size[1]
+        mirrored = hflip_boxes(self(hflip_boxes(boxes, width), image_size), width)
+        return torch.stack([self(boxes, image_size), mirrored], dim=1)
 
 
 def _pick_one_per_group(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
