@@ -1,13 +1,19 @@
 """Preemption (signal -> checkpoint of one iteration -> exit) and the lost-rank watchdog's
-judgement, in one process; the multi-process runs are in test_cluster_runs.py."""
+judgement, in one process; the agreement of two gloo processes; the multi-process runs are in
+test_cluster_runs.py."""
 import os
 import signal
 
 import pytest
+import torch
 import torch.distributed as dist
 from detectron2.engine import HookBase, TrainerBase
+from detectron2.utils import comm
+from insloc_testing import run_distributed
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from insloc_detco.engine.preemption import PreemptionHook, TrainingPreempted
+from insloc_detco.engine.step import DeviceMetricsTrainer
 from insloc_detco.engine.watchdog import Watchdog
 
 
@@ -78,6 +84,132 @@ def test_submitit_handler_is_called_after_the_checkpoint():
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert ckpt.saved and calls == [signal.SIGUSR2]
+
+
+class _LossModel(torch.nn.Module):
+    """A one-parameter model whose loss is NaN from iteration ``nan_from`` on."""
+
+    def __init__(self, nan_from=None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.nan_from, self.calls = nan_from, 0
+
+    def forward(self, data):
+        loss = self.w * data
+        if self.nan_from is not None and self.calls >= self.nan_from:
+            loss = loss * float("nan")
+        self.calls += 1
+        return {"loss_a": loss, "loss_b": 2 * loss}
+
+
+class _StepTrainer(_Trainer):
+    """The loop around a DeviceMetricsTrainer that flushes by itself every 100 iterations."""
+
+    def __init__(self, max_iter, nan_from=None):
+        super().__init__(max_iter)
+        model = _LossModel(nan_from)
+        self._trainer = DeviceMetricsTrainer(
+            model, [torch.tensor(1.0)] * max_iter, torch.optim.SGD(model.parameters(), lr=0.0),
+            flush_periods=(100,), max_iter=100,
+        )  # fmt: skip
+
+    def run_step(self):
+        self._trainer.iter = self.iter
+        self._trainer.run_step()
+
+
+class _RecordingCheckpointer(_Checkpointer):
+    """Records, at each save, whether losses were still waiting on the device."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step, self.pending_at_save = step, []
+
+    def save(self, name, **kwargs):
+        self.pending_at_save.append(self.step._sums is not None)
+        super().save(name, **kwargs)
+
+
+def test_the_preemption_checkpoint_reads_the_device_metrics_back_first():
+    trainer = _StepTrainer(10)
+    ckpt = _RecordingCheckpointer(trainer._trainer)
+    trainer.register_hooks([_SignalAt(3, signal.SIGTERM), PreemptionHook(ckpt, 100)])
+    with pytest.raises(TrainingPreempted):
+        trainer.train(0, 10)
+    assert ckpt.saved == [("model_0000003", {"iteration": 3})]
+    assert ckpt.pending_at_save == [False]  # flushed before the save, as every checkpoint
+    # The mean over iterations 0..3 of loss_a (w * 1) and loss_b, recorded at iteration 3.
+    values = trainer.storage.history("total_loss").values()
+    assert values == [(3.0, 3)]
+
+
+def test_a_nan_loss_is_caught_before_the_preemption_checkpoint():
+    trainer = _StepTrainer(10, nan_from=2)
+    ckpt = _RecordingCheckpointer(trainer._trainer)
+    trainer.register_hooks([_SignalAt(3, signal.SIGTERM), PreemptionHook(ckpt, 100)])
+    with pytest.raises(FloatingPointError, match=r"iteration in \[0, 3\]"):
+        trainer.train(0, 10)
+    assert ckpt.saved == []  # no checkpoint of a state after an unchecked NaN
+
+
+# ------------------------------------------------------------------------------------------
+# Two ranks agree on one iteration, with nothing dispatched between agreement iterations
+# ------------------------------------------------------------------------------------------
+class _DispatchedOps(TorchDispatchMode):
+    """Every operator dispatched inside the block, with the devices of its tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in list(args) + list((kwargs or {}).values())
+                   if isinstance(a, torch.Tensor)]  # fmt: skip
+        self.seen.append((func.overloadpacket.__name__, {t.device.type for t in tensors}))
+        return func(*args, **(kwargs or {}))
+
+
+class _ObservedPreemptionHook(PreemptionHook):
+    """Records what its ``after_step`` dispatches, per iteration."""
+
+    ops = None
+
+    def after_step(self):
+        self.ops = self.ops or {}
+        with _DispatchedOps() as mode:
+            try:
+                super().after_step()
+            finally:
+                self.ops[self.trainer.iter] = mode.seen
+
+
+def _two_ranks_stop_together(agree_period, signal_iter, expected):
+    trainer, ckpt = _Trainer(20), _Checkpointer()
+    hook = _ObservedPreemptionHook(ckpt, 100, agree_period)
+    signals = [_SignalAt(signal_iter, signal.SIGUSR1)] if comm.get_rank() == 1 else []
+    trainer.register_hooks(signals + [hook])
+    try:
+        trainer.train(0, 20)
+        stopped = None
+    except TrainingPreempted as e:
+        assert e.code == 128 + signal.SIGUSR1
+        stopped = trainer.iter
+    assert comm.all_gather(stopped) == [expected, expected]  # rank 0 got no signal itself
+    assert ckpt.saved == [(f"model_{expected:07d}", {"iteration": expected})]
+    for it, ops in hook.ops.items():
+        if (it + 1) % agree_period:
+            assert ops == [], f"iteration {it}: {ops}"  # nothing at all between agreements
+        else:
+            assert any(name == "allreduce_" for name, _ in ops), ops
+            assert all(devices <= {"cpu"} for _, devices in ops), ops  # host memory only
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_at_the_same_agreement_iteration():
+    """Rank 1 alone is signalled during iteration 5; with agreement every 4 iterations both
+    ranks save and stop after iteration 7, and between agreement iterations the hook
+    dispatches no operator (nothing that could wait for a device)."""
+    run_distributed(_two_ranks_stop_together, world_size=2, args=(4, 5, 7))
 
 
 # ------------------------------------------------------------------------------------------

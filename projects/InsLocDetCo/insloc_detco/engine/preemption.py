@@ -2,14 +2,18 @@
 
 SLURM (at preemption, and ``--signal=USR1@<s>`` before the time limit), Kubernetes and spot
 instances send SIGTERM or SIGUSR1; submitit uses SIGUSR2. During training
-:class:`PreemptionHook` turns these signals into a request; at each step boundary the ranks
-combine their requests (an all-reduce of one integer, the largest signal number, on a gloo group
-of its own, started at step i and read at step i + 1, so no step waits for it). When the
-combined request is set, every rank is at the same iteration: rank 0 writes the checkpoint of
-that iteration (atomically, with its SHA-256), all ranks wait for it, and each process exits
-with status 128 + signal (143 for SIGTERM, as if the signal had ended it: Kubernetes' ExitCode
-restart policy retries it). The next start resumes from that checkpoint by itself, so at most
-the step that was running when the signal came is computed again.
+:class:`PreemptionHook` turns these signals into a request. The ranks combine their requests
+at fixed iterations only, the multiples of ``agree_period`` (``SOLVER.LOG_PERIOD``): there an
+all-reduce of one integer (the largest signal number) on a gloo group of its own, in host
+memory, tells every rank the same answer at the same iteration. Those are the iterations where
+the step trainer reads its losses back anyway (:class:`.step.DeviceMetricsTrainer`), so the
+steps between them never wait for the device or for the other ranks. When the combined request
+is set, rank 0 writes the checkpoint of that iteration (the device metrics flushed first, as
+before every checkpoint; atomically, with its SHA-256), all ranks wait for it, and each process
+exits with status 128 + signal (143 for SIGTERM, as if the signal had ended it: Kubernetes'
+ExitCode restart policy retries it). The next start resumes from that checkpoint by itself, so
+nothing is computed twice; the save comes at most ``agree_period`` iterations after the signal.
+A one-process run stops at the iteration the signal came in.
 
 Requeueing: under submitit the handler submitit installed (checkpoint-and-requeue, SIGUSR2) is
 called after the checkpoint is written; under SLURM without submitit rank 0 runs ``scontrol
@@ -27,6 +31,8 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
+
+from .step import DeviceMetricsTrainer
 
 __all__ = ["PREEMPTION_SIGNALS", "TrainingPreempted", "PreemptionHook", "preempted_exit_codes"]
 
@@ -54,14 +60,28 @@ class PreemptionHook(HookBase):
     is not saved twice.
     """
 
-    def __init__(self, checkpointer, checkpoint_period: int, file_prefix: str = "model"):
+    def __init__(
+        self,
+        checkpointer,
+        checkpoint_period: int,
+        agree_period: int = 1,
+        file_prefix: str = "model",
+    ):
+        """
+        Args:
+            checkpointer: writes the checkpoint (rank 0's saves; a no-op elsewhere).
+            checkpoint_period: ``SOLVER.CHECKPOINT_PERIOD`` (those iterations are saved already).
+            agree_period: with several ranks, the requests are combined after every iteration
+                ``i`` with ``(i + 1) % agree_period == 0`` only (``SOLVER.LOG_PERIOD``).
+        """
         self._checkpointer = checkpointer
         self._period = checkpoint_period
+        self._agree_period = max(1, agree_period)
         self._prefix = file_prefix
         self._received: Optional[int] = None  # the first signal this process received
         self._previous: Dict[int, object] = {}
         self._group = None
-        self._pending = None  # (async all-reduce work, its buffer)
+        self._request = torch.zeros(1, dtype=torch.int64, device="cpu")  # the all-reduce's
 
     def before_train(self):
         self._received = None
@@ -85,12 +105,13 @@ class PreemptionHook(HookBase):
             )
 
     def after_step(self):
-        signum = self._agreed_signal()
-        if not signum:
-            return
         it = self.trainer.iter
         if it >= self.trainer.max_iter - 1:
             return  # the last iteration: the run ends and saves model_final as usual
+        signum = self._agreed_signal(it)
+        if not signum:
+            return
+        _flush_device_metrics(self.trainer)  # a collective: every rank is at this iteration
         if self._period <= 0 or (it + 1) % self._period:  # else the checkpointer just saved it
             self._checkpointer.save(f"{self._prefix}_{it:07d}", iteration=it)
         if self._group is not None:
@@ -102,20 +123,20 @@ class PreemptionHook(HookBase):
         self._request_requeue(signum)
         raise TrainingPreempted(signum)
 
-    def _agreed_signal(self) -> int:
-        """The largest signal number any rank had received one step ago (0: none)."""
-        local = self._received or 0
+    def _agreed_signal(self, it: int) -> int:
+        """
+        The largest signal number any rank has received (0: none), after iteration ``it`` if
+        it is one where the ranks agree, else 0. The request travels in host memory through
+        gloo: nothing here reads a device tensor, and between agreement iterations nothing
+        here runs at all.
+        """
         if self._group is None:
-            return local
-        agreed = 0
-        if self._pending is not None:
-            work, buf = self._pending
-            work.wait()
-            agreed = int(buf.item())
-        buf = torch.tensor([local], dtype=torch.int64)
-        work = dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
-        self._pending = (work, buf)
-        return agreed
+            return self._received or 0
+        if (it + 1) % self._agree_period:
+            return 0
+        self._request.fill_(self._received or 0)
+        dist.all_reduce(self._request, op=dist.ReduceOp.MAX, group=self._group)
+        return int(self._request.item())
 
     def _request_requeue(self, signum: int):
         previous = self._previous.get(signum)
@@ -135,10 +156,16 @@ class PreemptionHook(HookBase):
         self._previous = {}
         finished = self.trainer.iter >= self.trainer.max_iter
         if self._group is not None and finished:  # after a failure a peer may not answer
-            if self._pending is not None:
-                self._pending[0].wait()
             dist.destroy_process_group(self._group)
-        self._group, self._pending = None, None
+        self._group = None
+
+
+def _flush_device_metrics(trainer):
+    """Read back the losses a :class:`.step.DeviceMetricsTrainer` keeps on the device (and
+    check them) before a checkpoint, as at the iterations it flushes by itself."""
+    step = getattr(trainer, "_trainer", None)
+    if isinstance(step, DeviceMetricsTrainer):
+        step.flush_metrics()
 
 
 def _scontrol_requeue(job_id: str):

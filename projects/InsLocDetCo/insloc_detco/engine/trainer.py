@@ -110,9 +110,11 @@ class DeviceAgnosticTrainer(DefaultTrainer):
 
     def build_cluster_hooks(self):
         """Step counting for the lost-rank watchdog and save-then-exit on preemption signals
-        (after the periodic checkpointer)."""
-        period = self.cfg.SOLVER.CHECKPOINT_PERIOD
-        return [ProgressHook(), PreemptionHook(self.checkpointer, period)]
+        (after the periodic checkpointer; the ranks agree every ``SOLVER.LOG_PERIOD``
+        iterations, where the losses are read back anyway)."""
+        solver = self.cfg.SOLVER
+        preemption = PreemptionHook(self.checkpointer, solver.CHECKPOINT_PERIOD, solver.LOG_PERIOD)
+        return [ProgressHook(), preemption]
 
     def build_checkpoint_hook(self):
         """Periodic checkpoints, the newest ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` kept, and
