@@ -180,6 +180,36 @@ def test_submitit_local_job_is_preempted_requeued_and_resumes(reference, tmp_pat
     assert_same_state(reference[0] / "model_final.pth", tmp_path / "model_final.pth")
 
 
+def test_a_submitting_launch_runs_each_call_as_a_job_whose_tasks_join(tmp_path, monkeypatch):
+    """``eval_transfer.py run --slurm``'s path (``Launch.submit``, one job per trial), with
+    submitit's local executor: two tasks, one process group, the job's output in its folder."""
+    import argparse
+
+    from insloc_testing import write_rank_and_world
+
+    from insloc_detco.engine.runs import Launch, add_launch_arguments
+
+    parser = argparse.ArgumentParser()
+    add_launch_arguments(parser, slurm=True)
+    options = ["--slurm", "--submitit-cluster", "local", "--gpus-per-node", "0",
+               "--tasks-per-node", "2", "--time", "10", "--dist-timeout", "60"]  # fmt: skip
+    launch = Launch.from_args(parser.parse_args(options))
+    for k, v in _env().items():  # the job's processes inherit this environment
+        monkeypatch.setenv(k, v)
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))]:
+        monkeypatch.delenv(k)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))  # the job imports insloc_testing
+    paths = [tests_dir] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    job_id = launch.submit(str(tmp_path / "submitit"), "t", write_rank_and_world, str(tmp_path))
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob("rank*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results == [{"rank": 0, "world_size": 2}, {"rank": 1, "world_size": 2}]
+    assert any(f.startswith(f"{job_id}_0_log") for f in os.listdir(tmp_path / "submitit"))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
