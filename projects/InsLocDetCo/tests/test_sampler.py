@@ -57,3 +57,37 @@ def test_loader_batches_do_not_depend_on_workers_or_where_the_stream_starts():
     for got in (batches(2, 0, 4), batches(2, 1, 3)[:3]):
         expected = reference[4 - len(got):]
         assert all(torch.equal(a[k], b[k]) for a, b in zip(got, expected) for k in a)
+
+
+# ------------------------------------------------------------------------------------------
+# engine/resume.py: which checkpoints a start resumes by itself
+# ------------------------------------------------------------------------------------------
+def _run_state(cfg, **opts):
+    from types import SimpleNamespace
+
+    from insloc_detco.engine.resume import RunStateHook
+
+    cfg = cfg.clone()
+    cfg.merge_from_list([x for kv in opts.items() for x in kv])
+    hook = RunStateHook(ResumableTrainingSampler(4, 2, seed=5), cfg.dump())
+    hook.trainer = SimpleNamespace(cfg=cfg)
+    hook.require_same_config = True
+    return hook
+
+
+def test_a_checkpoint_of_another_config_is_not_resumed_by_itself():
+    from insloc_detco.engine.resume import ConfigMismatchError
+
+    cfg = load_config("instant_test/pretrain_moco_v2.yaml")
+    recorded = _run_state(cfg).state_dict()["config"]
+    # How the run executes changes no result: resumed by itself.
+    same_run = {"MODEL.FAST_PATH.ENABLED": "off", "SOLVER.LOG_PERIOD": 7,
+                "DATALOADER.NUM_WORKERS": 3, "OUTPUT_DIR": "/elsewhere"}  # fmt: skip
+    _run_state(cfg, **same_run).check_config(recorded)
+    with pytest.raises(ConfigMismatchError, match=r"SOLVER.BASE_LR 0.\d+ -> 0.5.*--resume"):
+        _run_state(cfg, **{"SOLVER.BASE_LR": 0.5}).check_config(recorded)
+    with pytest.raises(ConfigMismatchError, match="records no config"):
+        _run_state(cfg).check_config(None)
+    hook = _run_state(cfg, **{"SOLVER.BASE_LR": 0.5})
+    hook.require_same_config = False  # --resume: continue with the new config on purpose
+    hook.check_config(recorded)

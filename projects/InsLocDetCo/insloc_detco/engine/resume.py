@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 RESUME_IGNORED_KEYS = (
     "OUTPUT_DIR",
     "MODEL.DEVICE",
+    # How the step runs, not what it computes (equal to eager within tests/test_fast_path.py's
+    # tolerance; the same parameter names and optimizer state).
+    "MODEL.FAST_PATH.ENABLED",
+    "MODEL.FAST_PATH.BACKEND",
+    "MODEL.FAST_PATH.COMPILE_MODE",
     "DATALOADER.NUM_WORKERS",
     "DATALOADER.MAIN_PROCESS_THREADS",
     "SOLVER.CHECKPOINT_PERIOD",
