@@ -257,6 +257,28 @@ def test_a_stalled_training_loop_lists_who_is_behind():
     assert now[0] > w0.timeout_s
 
 
+def test_the_stall_clock_starts_with_the_first_finished_step(monkeypatch):
+    """The first step may compile the fast path for longer than the timeout: not a stall."""
+    from insloc_detco.engine import watchdog as watchdog_module
+    from insloc_detco.engine.watchdog import ProgressHook
+
+    (w0, w1), now = _watchdogs(world=2)
+    monkeypatch.setattr(watchdog_module, "_active", w0)
+    hook = ProgressHook()
+    hook.before_train()
+    for t in range(0, 100, 2):  # 100 s in the first step (timeout 20 s), both ranks beating
+        now[0] = t
+        w1.check_once()
+        assert w0.check_once() is None
+    hook.after_step()
+    message = None
+    for t in range(100, 160, 2):  # then no step for longer than the timeout
+        now[0] = t
+        w1.check_once()
+        message = message or w0.check_once()
+    assert message and message.startswith("STALLED: rank 0 has finished no training step")
+
+
 def test_a_store_that_stops_answering_means_its_host_is_lost():
     (w0, w1), now = _watchdogs(world=2)
 

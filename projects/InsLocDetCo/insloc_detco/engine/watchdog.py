@@ -189,17 +189,18 @@ class Watchdog:
 
 
 class ProgressHook(HookBase):
-    """Counts finished training steps for the watchdog's stall check."""
-
-    def before_train(self):
-        watchdog = active_watchdog()
-        if watchdog is not None:
-            watchdog.training = True
+    """
+    Counts finished training steps for the watchdog's stall check, which starts with the first
+    finished step: the first step may compile the fast path for minutes (``MODEL.FAST_PATH``,
+    docs/SPEED.md), longer than a stall timeout. Until then a lost rank is still found by its
+    heartbeat, and a collective waits at most its own timeout.
+    """
 
     def after_step(self):
         watchdog = active_watchdog()
         if watchdog is not None:
             watchdog.steps += 1
+            watchdog.training = True
 
     def after_train(self):
         watchdog = active_watchdog()
