@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from datetime import timedelta
@@ -202,7 +203,7 @@ def _join(p: LaunchedProcess, timeout: timedelta):
     if cuda:
         torch.cuda.set_device(_cuda_device(p))
     try:
-        store, _, _ = next(dist.rendezvous("env://", p.rank, p.world_size, timeout=timeout))
+        store = _rendezvous(p, timeout)
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=p.rank,
                                 world_size=p.world_size, timeout=_collective_timeout(timeout))
     except Exception as e:
@@ -216,6 +217,24 @@ def _join(p: LaunchedProcess, timeout: timedelta):
     Watchdog(store, p.rank, p.world_size, timeout.total_seconds()).start()
     comm.synchronize()
     logger.info(f"Joined {p.describe()}.")
+
+
+def _rendezvous(p: LaunchedProcess, timeout: timedelta):
+    """The job's store. A requeued job reuses its port, which a previous attempt's exiting
+    processes (e.g. data-loader workers forked after the store opened) may hold a few seconds
+    longer: rank 0 retries a busy port until ``timeout``."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        try:
+            return next(dist.rendezvous("env://", p.rank, p.world_size, timeout=timeout))[0]
+        except Exception as e:
+            if "EADDRINUSE" not in str(e) or time.monotonic() + _PORT_RETRY_S > deadline:
+                raise
+            logger.warning(f"Port {p.master_port} is busy; retrying in {_PORT_RETRY_S:.0f} s.")
+            time.sleep(_PORT_RETRY_S)
+
+
+_PORT_RETRY_S = 2.0
 
 
 def _cuda_device(p: LaunchedProcess) -> int:

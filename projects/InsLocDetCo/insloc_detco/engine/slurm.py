@@ -20,7 +20,8 @@ __all__ = ["add_slurm_arguments", "time_limit_minutes", "build_executor", "Submi
 
 
 def add_slurm_arguments(parser: argparse.ArgumentParser):
-    """``--slurm`` and the job's resources (shared by the entry scripts)."""
+    """``--slurm`` and the job's resources (the entry scripts add them through
+    :func:`.runs.add_launch_arguments`)."""
     g = parser.add_argument_group("SLURM (submitit): submit instead of running here")
     g.add_argument("--slurm", action="store_true", help="submit the command as a SLURM job")
     g.add_argument("--nodes", type=int, default=1)
