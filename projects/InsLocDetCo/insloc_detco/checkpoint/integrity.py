@@ -13,8 +13,7 @@ stored in the file itself, and the whole file is what a truncated copy or a flip
 (torch's zip container stores CRCs but never checks them when loading). A file without a
 ``.sha256`` (copied alone, written by another program) loads unverified.
 
-Cost: SHA-256 ran at 1.4 GB/s on this project's 2-core x86 CPU (SHA extensions; 2026-11-23), so
-about 1 s per 1.2 GB DetCo checkpoint when it is saved and again when it is loaded.
+The hashing's cost per save and per load is measured in docs/SPEED.md ("Checkpoint checksums").
 """
 import errno
 import hashlib

@@ -298,9 +298,8 @@ def _run_spawned(main_func, spawned: bool, timeout: timedelta, *args):
     except Exception as e:
         _explain_lost_ranks(e)
         raise
-    # Even after the teardown, process 0 still aborted at exit once in a CI run of ~390 tests
-    # (2026-11-23): a C++ thread still joinable when finalisation destroys it. The return value
-    # is discarded by torch's spawn anyway; the exit code is what counts.
+    # os._exit skips the C++ finalisation, which can abort on a thread still joinable (seen in
+    # CI); torch's spawn discards the return value anyway, the exit code is what counts.
     _shut_down(wait_for_peers=True)
     _flush()
     os._exit(0)
