@@ -30,11 +30,10 @@ def test_one_process_launch_leaves_the_callers_process_group(tmp_path):
 
 
 def test_rank_0_waits_for_a_port_a_previous_attempt_still_holds(monkeypatch):
+    import importlib
     import socket
     import threading
     from datetime import timedelta
-
-    import importlib
 
     from insloc_detco.engine.cluster_env import LaunchedProcess
 
