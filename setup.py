@@ -27,6 +27,7 @@ setup(
         "demo": ["scikit-image"],
         "readout": ["scikit-learn"],
         "cityscapes": ["cityscapesscripts", "shapely"],  # detectron2's Cityscapes loader, evaluator
+        "cluster": ["submitit>=1.5"],  # --slurm
         "dev": ["pytest", "ruff"],
     },
 )

@@ -19,6 +19,8 @@ What did pretraining learn? Frozen-feature readouts of a pretraining checkpoint,
         --output-dir output/readout
     # one table of every readout in result folders, a row per weights file, with chance levels
     python eval_readout.py table output/readout
+    # under torchrun (or srun) each process joins the job: 8 processes, one per GPU
+    torchrun --nproc_per_node 8 eval_readout.py knn output/pretrain_moco_v2/model_final.pth
 
 Data sets (``--train`` / ``--val``) resolve under ``$DETECTRON2_DATASETS`` like detectron2's:
 ``imagenet_cls_{train,val}`` (folder per class), ``voc_2007_{trainval,test}``,
@@ -31,7 +33,7 @@ import argparse
 import os
 import sys
 
-from insloc_detco.engine import setup_logging
+from insloc_detco.engine import LaunchError, run_entry_point, setup_logging
 from insloc_detco.engine.runs import Launch, add_launch_arguments, read_json
 from insloc_detco.readout.encoder import LAYOUTS, STAGES, ReadoutError
 from insloc_detco.readout.linear import LinearRecipe
@@ -177,13 +179,15 @@ def main(argv=None) -> int:
     setup_logging(None)
     try:
         s = settings_from_args(args, opts)
-        entries = run_readouts(args.weights, s, args.output_dir, Launch.from_args(args))
-    except (ReadoutError, ConversionError, ValueError, FloatingPointError) as e:
+        launch = Launch.from_args(args)
+        entries = run_readouts(args.weights, s, args.output_dir, launch)
+    except (ReadoutError, ConversionError, ValueError, FloatingPointError, LaunchError) as e:
         print(f"eval_readout.py {args.protocol}: error: {e}", file=sys.stderr)
         return 2
-    print(markdown_tables({str(i): e for i, e in enumerate(entries)}))
+    if launch.collects_results:  # under torchrun: rank 0
+        print(markdown_tables({str(i): e for i, e in enumerate(entries)}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_entry_point(main)

@@ -14,6 +14,9 @@ How good is a pretrained backbone for detection? Convert, fine-tune, evaluate, t
     # CPU smoke test on the generated demo_det set (a few minutes)
     python eval_transfer.py run output/instant_test/pretrain_moco_v2/model_final.pth \\
         --benchmark demo_voc_c4
+    # every trial as its own SLURM job (submitit); run again without --slurm to tabulate
+    python eval_transfer.py run model_final.pth --benchmark coco_fpn_1x --slurm \\
+        --gpus-per-node 8 --partition P --time 24:00:00
 
 ``run`` writes ``results.json`` and ``results.md`` (mean +- std over trials) in the output
 folder (default: ``transfer/`` next to the checkpoint); re-running skips finished trials and
@@ -28,7 +31,7 @@ import argparse
 import os
 import sys
 
-from insloc_detco.engine import setup_logging
+from insloc_detco.engine import LaunchError, run_entry_point, setup_logging
 from insloc_detco.engine.runs import Launch, add_launch_arguments, default_output_dir
 from insloc_detco.transfer.benchmarks import benchmark_table, get_benchmark
 from insloc_detco.transfer.converter import (
@@ -71,17 +74,25 @@ def run(args):
     except KeyError as e:
         raise TransferError(e.args[0]) from None
     output_dir = args.output_dir or default_output_dir(args.weights, "transfer")
-    run_benchmarks(
+    launch = Launch.from_args(args)
+    results = run_benchmarks(
         args.weights,
         benchmarks,
         output_dir,
         trials=args.trials,
         seed=args.seed,
         opts=args.opts,
-        launch=Launch.from_args(args),
+        launch=launch,
         force=args.force,
     )
-    print(f"Results: {os.path.join(output_dir, 'results.md')}")
+    if not launch.collects_results:  # under torchrun: ranks > 0
+        return
+    pending = [b.name for b in benchmarks if b.name not in results]
+    if pending:  # trials submitted as SLURM jobs (logged above with their ids)
+        print(f"Trials of {', '.join(pending)} were submitted as SLURM jobs; when they have "
+              "finished, run the same command without --slurm to write the table.")  # fmt: skip
+    else:
+        print(f"Results: {os.path.join(output_dir, 'results.md')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--seed", type=int, default=1, help="seed of the first trial")
     r.add_argument("--output-dir", default=None, help="default: transfer/ next to the checkpoint")
-    add_launch_arguments(r)
+    add_launch_arguments(r, slurm=True)
     r.add_argument("--force", action="store_true",
                    help="start again trials begun with another config or weights (the old "
                    "folder is kept beside them); without it that is an error")  # fmt: skip
@@ -148,11 +159,11 @@ def main(argv=None) -> int:
         return 2
     try:
         {"convert": convert, "run": run}[args.command](args)
-    except (ConversionError, TransferError) as e:
+    except (ConversionError, TransferError, LaunchError) as e:
         print(f"eval_transfer.py {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_entry_point(main)

@@ -1,5 +1,6 @@
 """Helpers shared by the tests."""
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,15 @@ def run_distributed(fn, world_size: int = 2, args=()):
     """Run ``fn(*args)`` in ``world_size`` CPU processes over gloo (detectron2's launch).
     ``fn`` must be a module-level function; raise inside it to fail the test."""
     launch(fn, world_size, num_machines=1, machine_rank=0, dist_url="auto", args=args)
+
+
+def write_rank_and_world(folder: str):
+    """In every process of a run: ``<folder>/rank<r>.json`` with its rank and world size (what
+    a test of a launch checks)."""
+    from detectron2.utils import comm
+
+    with open(os.path.join(folder, f"rank{comm.get_rank()}.json"), "w") as f:
+        json.dump({"rank": comm.get_rank(), "world_size": comm.get_world_size()}, f)
 
 
 def run_train_net(*argv, timeout=600):

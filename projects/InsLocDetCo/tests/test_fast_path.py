@@ -6,6 +6,8 @@ data-dependent shape causes, is an error) and runs them with eager kernels, so i
 tracing in seconds where inductor spends minutes of C++ compilation per encoder on two cores
 (docs/SPEED.md). One inductor test (``slow``) checks the generated kernels on a ResNet-18.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import load_config
@@ -17,6 +19,9 @@ from insloc_detco.data import build_pretrain_mapper, get_pretrain_dataset_dicts
 from insloc_detco.data.batch import BatchCollator
 from insloc_detco.engine import PretrainTrainer, create_ddp_model_any_device
 from insloc_detco.engine.fast_path import compile_options, fast_path_enabled
+from insloc_detco.engine.preemption import PreemptionHook
+from insloc_detco.engine.resume import RunStateHook
+from insloc_detco.engine.watchdog import ProgressHook
 from insloc_detco.modeling.contrastive import ContrastiveQueue
 
 METHODS = ["moco_v2", "insloc_fpn", "insloc_c4", "detco"]
@@ -155,23 +160,45 @@ class HostSyncDetector(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def cluster_hooks(cfg, step, iteration):
+    """The loop's per-step hooks of cluster runs (per-iteration reseeding, the preemption
+    request, the watchdog's step count) on a stand-in for the outer trainer at ``iteration``."""
+    outer = SimpleNamespace(iter=iteration, max_iter=cfg.SOLVER.MAX_ITER, _trainer=step, cfg=cfg)
+    solver = cfg.SOLVER
+    preemption = PreemptionHook(None, solver.CHECKPOINT_PERIOD, solver.LOG_PERIOD)
+    hooks = [RunStateHook(None, cfg.dump()), preemption, ProgressHook()]
+    for h in hooks:
+        h.trainer = outer
+    return hooks
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_step_never_waits_for_the_device(method):
     """A whole step (augmentation, encoders, shuffle-BN, losses, enqueue, backward, SGD) at an
-    iteration that logs nothing dispatches no synchronising operator."""
+    iteration that logs nothing dispatches no synchronising operator, nor do the per-step
+    hooks of cluster runs around it."""
     cfg = method_config(method, False, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.LOG_PERIOD", 100)
     batch = mapped_batches(cfg, steps=1)[0]
     torch.manual_seed(0)
     model = PretrainTrainer.build_model(cfg)
     optimizer = PretrainTrainer.build_optimizer(cfg, model)
     step = PretrainTrainer.build_step_trainer(cfg, model, [batch, batch], optimizer)
+    hooks = cluster_hooks(cfg, step, iteration=1)
+    for h in hooks:
+        h.before_train()
     with EventStorage(0) as storage:
         step.storage = storage
         storage.iter = step.iter = 1  # not a logging iteration
         detector = HostSyncDetector()
         with detector:
+            for h in hooks:
+                h.before_step()
             step.run_step()
+            for h in hooks:
+                h.after_step()
+    for h in hooks:
+        h.after_train()
     assert detector.seen == [], f"host syncs inside the step: {detector.seen}"
     # The detector works: a logging iteration reads the accuracy back.
     with EventStorage(0) as storage:

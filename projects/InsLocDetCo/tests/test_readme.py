@@ -22,7 +22,8 @@ PAGES = [README, os.path.join(REPO, "MODEL_ZOO.md"), *DOCS]
 def documented_commands():
     """(working directory, argv) of every `python ...` line in the bash blocks of the README and
     the docs pages, with the directory the block's `cd` moves to (the repository root
-    otherwise)."""
+    otherwise). A `torchrun ...` or `srun ...` line counts as `python SCRIPT ...` of the script
+    it starts."""
     text = "\n".join(open(page).read() for page in PAGES)
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
@@ -33,6 +34,10 @@ def documented_commands():
                 cwd = os.path.normpath(os.path.join(cwd, line[3:].strip()))
             elif re.match(r"^(\.venv/bin/)?python3? ", line):
                 commands.append((cwd, shlex.split(line.replace("[", "").replace("]", ""))))
+            elif re.match(r"^(torchrun|srun) .*\.py\b", line):
+                argv = shlex.split(line.replace("[", "").replace("]", ""))
+                script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+                commands.append((cwd, ["python", *argv[script:]]))
     return commands
 
 

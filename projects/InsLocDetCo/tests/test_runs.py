@@ -15,6 +15,7 @@ from insloc_detco.data.datasets import (
     register_image_list,
     try_register,
 )
+from insloc_detco.engine.cluster_env import LaunchError
 from insloc_detco.engine.runs import (
     RANDOM_INIT,
     Launch,
@@ -53,6 +54,30 @@ def test_launch_arguments_and_output_folders():
     assert default_output_dir(RANDOM_INIT, "readout") == random_dir
     ckpt = os.path.join("/runs", "moco", "model_final.pth")
     assert default_output_dir(ckpt, "transfer") == os.path.join("/runs", "moco", "transfer")
+
+
+def test_cluster_launch_options_live_in_launch(monkeypatch):
+    parser = argparse.ArgumentParser()
+    add_launch_arguments(parser, slurm=True)
+    launch = Launch.from_args(parser.parse_args(["--dist-timeout", "30"]))
+    assert launch == Launch(dist_timeout=30.0) and not launch.submits
+    submitting = Launch.from_args(parser.parse_args(["--slurm", "--nodes", "4"]))
+    assert submitting.submits and submitting.machines == 4
+    with pytest.raises(LaunchError, match="--slurm starts one task per GPU"):
+        Launch.from_args(parser.parse_args(["--slurm", "--num-gpus", "8"]))
+    # Under torchrun every process runs the entry script: rank 0 alone collects the results,
+    # and the job's nodes are the machines.
+    for k, v in dict(RANK="9", WORLD_SIZE="16", LOCAL_RANK="1", LOCAL_WORLD_SIZE="8",
+                     MASTER_ADDR="h", MASTER_PORT="1").items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    assert not Launch().collects_results and Launch().machines == 2
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert Launch().collects_results
+    train_net_like = argparse.ArgumentParser()
+    add_launch_arguments(train_net_like, processes=False, slurm=True)  # detectron2 has the rest
+    args = train_net_like.parse_args(["--dist-timeout", "5", "--slurm"])
+    assert args.dist_timeout == 5.0 and args.slurm and not hasattr(args, "num_gpus")
 
 
 def test_one_launch_runs_the_function_here_with_its_arguments():

@@ -11,6 +11,7 @@
 import logging
 import os
 import re
+import shutil
 from typing import List, Optional
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -18,6 +19,7 @@ from detectron2.utils import comm
 
 from .integrity import (
     CorruptCheckpointError,
+    DiskFullError,
     checksum_path,
     is_temporary_file,
     save_checkpoint_file,
@@ -53,7 +55,13 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     # Writing
     # ------------------------------------------------------------------------------------
     def save(self, name: str, **kwargs):
-        """As ``Checkpointer.save``, written atomically with ``<name>.pth.sha256``."""
+        """
+        As ``Checkpointer.save``, written atomically with ``<name>.pth.sha256``.
+
+        Raises:
+            DiskFullError: with one line that says which checkpoint is intact and how much
+                space this one needs; no partial file is left, ``last_checkpoint`` unchanged.
+        """
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
@@ -63,8 +71,31 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {path}")
-        save_checkpoint_file(data, path)
-        self.tag_last_checkpoint(basename)
+        intact, written = self._last_checkpoint_target(), False
+        try:
+            save_checkpoint_file(data, path)
+            written = True
+            self.tag_last_checkpoint(basename)
+        except DiskFullError as e:
+            message = self._disk_full_message(e, path, data, intact, written)
+            raise DiskFullError(e.errno, message) from e
+
+    def _disk_full_message(self, error, path: str, data, intact: Optional[str], written: bool):
+        try:
+            free = f"{_mb(shutil.disk_usage(self.save_dir).free)} free"
+        except OSError:
+            free = "free space unknown"
+        what = (
+            f"{path} was written but last_checkpoint still names "
+            if written
+            else f"nothing of {os.path.basename(path)} was kept; the last complete checkpoint is "
+        )
+        return (
+            f"{error.strerror} while saving a checkpoint: {what}"
+            f"{intact or '(none: no checkpoint yet)'}. A checkpoint needs ~{_mb(_nbytes(data))} "
+            f"({self.save_dir}: {free}). Free space or lower SOLVER.CHECKPOINT_MAX_TO_KEEP, then "
+            "run the same command again to resume."
+        )
 
     def tag_last_checkpoint(self, last_filename_basename: str):
         write_text_atomic(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
@@ -199,6 +230,23 @@ def _problem_on_any_rank(problem: Optional[str]) -> Optional[str]:
         if p is not None:
             return p if rank == comm.get_rank() else f"unreadable on rank {rank}: {p}"
     return None
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: about its size on disk."""
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _mb(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def _newest_first_key(path: str):

@@ -13,9 +13,9 @@ stored in the file itself, and the whole file is what a truncated copy or a flip
 (torch's zip container stores CRCs but never checks them when loading). A file without a
 ``.sha256`` (copied alone, written by another program) loads unverified.
 
-Cost: SHA-256 ran at 1.4 GB/s on this project's 2-core x86 CPU (SHA extensions; 2026-11-23), so
-about 1 s per 1.2 GB DetCo checkpoint when it is saved and again when it is loaded.
+The hashing's cost per save and per load is measured in docs/SPEED.md ("Checkpoint checksums").
 """
+import errno
 import hashlib
 import os
 from typing import Any, Optional
@@ -26,6 +26,7 @@ from detectron2.utils.file_io import PathManager
 __all__ = [
     "CHECKSUM_SUFFIX",
     "CorruptCheckpointError",
+    "DiskFullError",
     "checksum_path",
     "file_sha256",
     "verify_checksum",
@@ -41,6 +42,23 @@ _CHUNK = 16 << 20
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint that cannot be used: truncated, empty, damaged, or not what was saved."""
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of space (or quota); nothing partial was left behind."""
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full_error(error: BaseException, writer=None) -> Optional[OSError]:
+    """The OSError(ENOSPC / EDQUOT) behind ``error`` (torch's zip writer turns the one our
+    file object raised into 'RuntimeError: ... unexpected pos ...'), or None."""
+    seen = [getattr(writer, "error", None)]
+    while error is not None and len(seen) < 10:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return next((e for e in seen if isinstance(e, OSError) and e.errno in _DISK_FULL), None)
 
 
 def checksum_path(path: str) -> str:
@@ -100,6 +118,9 @@ def save_checkpoint_file(obj: Any, path: str):
     """
     ``torch.save(obj, path)``, atomically, with ``<path>.sha256`` (local paths; any other
     PathManager path is written directly, without a checksum).
+
+    Raises:
+        DiskFullError: no space (or quota) left; the partial file was removed.
     """
     if not _is_local(path):
         with PathManager.open(path, "wb") as f:
@@ -109,6 +130,7 @@ def save_checkpoint_file(obj: Any, path: str):
     os.makedirs(folder, exist_ok=True)
     _remove_stale_temporaries(path)
     tmp = f"{path}{_TMP_MARK}{os.getpid()}"
+    writer = None
     try:
         with open(tmp, "wb") as f:
             writer = _HashingWriter(f)
@@ -119,9 +141,12 @@ def save_checkpoint_file(obj: Any, path: str):
         # has the .sha256 it was written with.
         write_text_atomic(checksum_path(path), f"{writer.hexdigest()}  {os.path.basename(path)}\n")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        full = _disk_full_error(e, writer)
+        if full is not None:
+            raise DiskFullError(full.errno, f"{full.strerror} while writing {path}") from e
         raise
     _fsync_dir(folder)
 
@@ -139,9 +164,12 @@ def write_text_atomic(path: str, text: str):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        full = _disk_full_error(e)
+        if full is not None:
+            raise DiskFullError(full.errno, f"{full.strerror} while writing {path}") from e
         raise
     _fsync_dir(os.path.dirname(path) or ".")
 
@@ -152,10 +180,15 @@ class _HashingWriter:
     def __init__(self, f):
         self._f = f
         self._hash = hashlib.sha256()
+        self.error = None  # an OSError of the file, which torch's writer would replace by its own
 
     def write(self, data) -> int:
         self._hash.update(data)
-        return self._f.write(data)
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self):
         self._f.flush()

@@ -124,10 +124,10 @@ class PhotometricAugmentation(nn.Module):
 
     ``forward(images, boxes=None)`` draws the parameters (:meth:`draw`: uniforms on the
     images' device from torch's global generator) and applies them (:meth:`transform`). Loader
-    workers (seeded by detectron2 per worker) and training processes (seeded per rank by
-    ``default_setup``) therefore never share a stream, and a fixed ``SEED`` reproduces the
-    draws. Every op runs on the whole batch and is blended in per sample, so the shapes never
-    depend on the draws.
+    workers (seeded per sample, from its position in the data stream) and training processes
+    (seeded per rank and iteration, ``engine/resume.py``) therefore never share a stream, and a
+    fixed ``SEED`` reproduces the draws, after a resume too. Every op runs on the whole batch
+    and is blended in per sample, so the shapes never depend on the draws.
     """
 
     @configurable

@@ -11,6 +11,7 @@ from .batch import BatchCollator
 from .datasets import ensure_registered
 from .device_decode import decode_views
 from .mapper import build_pretrain_mapper
+from .sampler import ResumableTrainingSampler, SeededMapDataset
 
 __all__ = ["get_pretrain_dataset_dicts", "build_pretrain_train_loader", "SkipCountingLoader"]
 
@@ -38,9 +39,10 @@ class SkipCountingLoader:
     to decode there are counted too.
     """
 
-    def __init__(self, loader, decode_device: Optional[str] = None):
+    def __init__(self, loader, decode_device: Optional[str] = None, sampler=None):
         self.loader = loader
         self.decode_device = decode_device
+        self.sampler = sampler  # a ResumableTrainingSampler: where the stream starts
         self.num_skipped = 0
 
     def __iter__(self):
@@ -60,7 +62,9 @@ def build_pretrain_train_loader(cfg):
         an asynchronous copy when training on CUDA; with device decoding, the views of the
         JPEGs the workers left undecoded already on ``MODEL.DEVICE``). If the mapper has a
         ``collate`` method (batch-level composition, e.g. InsLoc with in-batch backgrounds), it
-        runs first, in the loader workers.
+        runs first, in the loader workers. Its ``sampler`` (:class:`ResumableTrainingSampler`,
+        seeded by ``cfg.SEED`` when >= 0) sets the run's seed and the first iteration before
+        iterating.
     """
     dataset_dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
     mapper = build_pretrain_mapper(cfg, dataset_dicts)
@@ -73,12 +77,22 @@ def build_pretrain_train_loader(cfg):
     kwargs = {"collate_fn": BatchCollator(getattr(mapper, "collate", None))}
     if cfg.MODEL.DEVICE.startswith("cuda") and cfg.DATALOADER.NUM_WORKERS > 0:
         kwargs["pin_memory"] = True
+    records = DatasetFromList(dataset_dicts, copy=False, serialize=True)
+    seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+    sampler = ResumableTrainingSampler(
+        len(records), cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(), seed
+    )
     loader = build_detection_train_loader(
-        dataset=DatasetFromList(dataset_dicts, copy=False, serialize=True),
-        mapper=mapper,
+        dataset=SeededMapDataset(records, mapper),
+        mapper=None,  # SeededMapDataset maps, seeded per sample
+        sampler=sampler,
         total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
         aspect_ratio_grouping=False,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
+        # The workers' base seed from a generator of the loader's own, not the process's (it is
+        # drawn when iteration starts: at the first step of a run, resumed or not).
+        seed=seed,
         **kwargs,
     )
-    return SkipCountingLoader(loader, cfg.MODEL.DEVICE if mapper.device_decoding else None)
+    decode_device = cfg.MODEL.DEVICE if mapper.device_decoding else None
+    return SkipCountingLoader(loader, decode_device, sampler)

@@ -15,8 +15,9 @@ Backgrounds come from one of two sources (``INPUT.PRETRAIN.COPY_PASTE.BACKGROUND
 * ``"batch"``: the other images of the same batch, already decoded (no extra decode). The
   mapper prepares the foregrounds and the sample's own resized image; :meth:`collate` pastes.
 
-All randomness comes from torch's global generator, which detectron2's loader re-seeds in every
-worker (``worker_init_reset_seed``), so workers, ranks and epochs never share a stream.
+All randomness comes from torch's global generator, which the loader re-seeds for every sample
+from its position in the data stream (:mod:`.sampler`), so workers, ranks and epochs never
+share a stream, and a resumed run draws what the uninterrupted one would have.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 

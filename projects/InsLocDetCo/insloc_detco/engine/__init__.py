@@ -1,5 +1,12 @@
 from .hooks import PlotCurvesHook, SkippedImagesHook, plot_metrics, read_metrics
-from .launch import launch
+from .launch import (
+    LaunchError,
+    dist_timeout,
+    exit_process,
+    is_launch_leader,
+    launch,
+    run_entry_point,
+)
 from .log_setup import log_exceptions, setup_logging
 from .lr_scaling import merge_opts_scaling_lr
 from .summary import describe_model, describe_schedule

@@ -4,11 +4,14 @@ What every evaluation run needs, written once for ``eval_transfer.py run`` and
 
 1. checks its inputs in the launching process, before any worker starts;
 2. launches the workers (:class:`Launch`: our :func:`.launch.launch`, the loggers set up in
-   each process);
+   each process; or joins them under torchrun / srun; or submits a SLURM job per call);
 3. lets the main process write each result with one stamp (:func:`stamped`: world size, wall
    time, machine, date, versions);
 4. merges the results into a folder's ``results.json`` and renders ``results.md``
    (:func:`merge_results_files`).
+
+The launch options of every entry script (``train_net.py`` too) are those of
+:func:`add_launch_arguments`.
 """
 
 import argparse
@@ -17,7 +20,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Dict, Optional, Sequence
 
@@ -27,8 +30,10 @@ import torch
 import torchvision
 from detectron2.utils import comm
 
-from .launch import launch
+from .cluster_env import LaunchError, detect_launcher
+from .launch import DEFAULT_DIST_TIMEOUT_S, dist_timeout, is_launch_leader, launch
 from .log_setup import setup_logging
+from .slurm import add_slurm_arguments, submit
 
 __all__ = [
     "RANDOM_INIT",
@@ -61,26 +66,59 @@ def default_output_dir(weights: str, kind: str) -> str:
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Launch:
-    """Where the workers of a run go: the arguments of detectron2's ``launch``."""
+    """
+    Where the workers of a run go: the arguments of detectron2's ``launch``, the distributed
+    timeout, and optionally a SLURM job per call instead (``--slurm``, :meth:`submit`). Under
+    torchrun or srun every process runs the entry script and joins the job (:mod:`.launch`).
+    """
 
     num_gpus: int = 1  # processes per machine
     num_machines: int = 1
     machine_rank: int = 0
     dist_url: str = "auto"
+    dist_timeout: Optional[float] = None  # seconds; None: $INSLOC_DIST_TIMEOUT or the default
+    slurm: Optional[argparse.Namespace] = field(default=None, compare=False, repr=False)  # --slurm
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Launch":
-        """From the options of :func:`add_launch_arguments`."""
-        return cls(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url)
+        """
+        From the options of :func:`add_launch_arguments`.
+
+        Raises:
+            LaunchError: ``--slurm`` with process options (the job's tasks are the processes).
+        """
+        slurm = args if getattr(args, "slurm", False) else None
+        launch = cls(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
+                     getattr(args, "dist_timeout", None), slurm)  # fmt: skip
+        if launch.submits and launch.world_size > 1:
+            raise LaunchError(
+                "--slurm starts one task per GPU (--nodes x --gpus-per-node): leave out "
+                "--num-gpus and --num-machines."
+            )
+        return launch
 
     @property
     def world_size(self) -> int:
         return self.num_gpus * self.num_machines
 
     @property
+    def machines(self) -> int:
+        """The machines the workers run on (those of the job when joined or submitted)."""
+        if self.submits:
+            return self.slurm.nodes
+        joined = detect_launcher()
+        return joined.num_nodes if joined is not None else self.num_machines
+
+    @property
     def collects_results(self) -> bool:
-        """Whether this launching process reads the results back (the first machine's)."""
-        return self.machine_rank == 0
+        """Whether this process reads the results back and writes the tables: the first
+        machine's launching process, or rank 0 where every worker runs the entry script."""
+        return is_launch_leader(self.machine_rank)
+
+    @property
+    def submits(self) -> bool:
+        """Whether each call is submitted as a SLURM job (:meth:`submit`)."""
+        return self.slurm is not None
 
     def __call__(self, main_func: Callable, *args):
         """``main_func(*args)`` in every process, with console logging set up in each."""
@@ -91,7 +129,16 @@ class Launch:
             self.machine_rank,
             self.dist_url,
             args=(main_func, *args),
+            timeout=dist_timeout(self.dist_timeout),
         )
+
+    def submit(self, folder: str, name: str, main_func: Callable, *args) -> str:
+        """
+        ``main_func(*args)`` in the tasks of a SLURM job (:mod:`.slurm`; they join the job's
+        process group), its stdout/stderr in ``folder``. Returns the job id.
+        """
+        in_job = Launch(dist_timeout=self.dist_timeout)
+        return submit(in_job, (main_func, *args), self.slurm, folder, name).job_id
 
 
 def _with_logging(main_func: Callable, *args):
@@ -99,14 +146,31 @@ def _with_logging(main_func: Callable, *args):
     return main_func(*args)
 
 
-def add_launch_arguments(parser: argparse.ArgumentParser):
-    """``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url`` (as detectron2's)."""
-    parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
-    parser.add_argument("--num-machines", type=int, default=1)
-    parser.add_argument("--machine-rank", type=int, default=0)
+def add_launch_arguments(
+    parser: argparse.ArgumentParser, processes: bool = True, slurm: bool = False
+):
+    """
+    The launch options of every entry script:
+
+    * ``processes``: ``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``
+      (as detectron2's; ``train_net.py`` has them from ``default_argument_parser``);
+    * always ``--dist-timeout``;
+    * ``slurm``: ``--slurm`` and the job's resources (:func:`.slurm.add_slurm_arguments`).
+    """
+    if processes:
+        parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
+        parser.add_argument("--num-machines", type=int, default=1)
+        parser.add_argument("--machine-rank", type=int, default=0)
+        parser.add_argument(
+            "--dist-url", default="auto", help="e.g. tcp://HOST:PORT with several machines"
+        )
     parser.add_argument(
-        "--dist-url", default="auto", help="e.g. tcp://HOST:PORT with several machines"
-    )
+        "--dist-timeout", type=float, default=None, metavar="SECONDS",
+        help="how long processes wait for a silent peer before the run ends, naming it "
+        f"(default: $INSLOC_DIST_TIMEOUT or {DEFAULT_DIST_TIMEOUT_S:.0f})",
+    )  # fmt: skip
+    if slurm:
+        add_slurm_arguments(parser)
 
 
 # ------------------------------------------------------------------------------------------

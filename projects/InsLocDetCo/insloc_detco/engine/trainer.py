@@ -25,9 +25,12 @@ from ..modeling.contrastive import ContrastiveQueue, broadcast_queues
 from ..modeling.meta_arch.base import channels_last_from_config
 from .fast_path import build_fused_sgd, enable_fast_path, fast_path_enabled, uses_cuda_graphs
 from .hooks import PlotCurvesHook, SkippedImagesHook
+from .preemption import PreemptionHook
+from .resume import RunStateHook
 from .step import DeviceMetricsTrainer
 from .summary import describe_model, describe_schedule
 from .threads import configure_threads
+from .watchdog import ProgressHook
 
 __all__ = [
     "DeviceAgnosticTrainer",
@@ -98,11 +101,20 @@ class DeviceAgnosticTrainer(DefaultTrainer):
         return model
 
     def build_hooks(self):
-        """detectron2's hooks, with :meth:`build_checkpoint_hook` as the periodic checkpointer."""
+        """detectron2's hooks, with :meth:`build_checkpoint_hook` as the periodic checkpointer,
+        and :meth:`build_cluster_hooks`."""
         return [
             self.build_checkpoint_hook() if type(h) is hooks.PeriodicCheckpointer else h
             for h in super().build_hooks()
-        ]
+        ] + self.build_cluster_hooks()
+
+    def build_cluster_hooks(self):
+        """Step counting for the lost-rank watchdog and save-then-exit on preemption signals
+        (after the periodic checkpointer; the ranks agree every ``SOLVER.LOG_PERIOD``
+        iterations, where the losses are read back anyway)."""
+        solver = self.cfg.SOLVER
+        preemption = PreemptionHook(self.checkpointer, solver.CHECKPOINT_PERIOD, solver.LOG_PERIOD)
+        return [ProgressHook(), preemption]
 
     def build_checkpoint_hook(self):
         """Periodic checkpoints, the newest ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` kept, and
@@ -176,9 +188,20 @@ class PretrainTrainer(DeviceAgnosticTrainer):
     def test(cls, cfg, model, evaluators=None):
         return OrderedDict()
 
+    def resume_or_load(self, resume=True, *, require_same_config=False):
+        """
+        As detectron2's; with ``require_same_config`` a checkpoint found in ``OUTPUT_DIR`` is
+        resumed only if it was written with this config (:class:`RunStateHook`).
+        """
+        self._run_state.require_same_config = require_same_config
+        super().resume_or_load(resume)
+        if resume and self.checkpointer.has_checkpoint() and self._run_state.resumed_config is None:
+            self._run_state.check_config(None)
+
     def build_hooks(self):
         cfg = self.cfg
-        ret = [hooks.IterationTimer(), hooks.LRScheduler()]
+        self._run_state = RunStateHook(getattr(self.data_loader, "sampler", None), cfg.dump())
+        ret = [self._run_state, hooks.IterationTimer(), hooks.LRScheduler()]
         ret.append(SkippedImagesHook(self.data_loader, cfg.SOLVER.LOG_PERIOD))
         if comm.is_main_process():
             ret.append(self.build_checkpoint_hook())
@@ -186,7 +209,7 @@ class PretrainTrainer(DeviceAgnosticTrainer):
             if cfg.SOLVER.PLOT_CURVES:
                 sizes = [m.size for m in self.model.modules() if isinstance(m, ContrastiveQueue)]
                 ret.append(PlotCurvesHook(cfg.OUTPUT_DIR, cfg.SOLVER.CHECKPOINT_PERIOD, sizes))
-        return ret
+        return ret + self.build_cluster_hooks()
 
 
 def amp_dtype(cfg) -> torch.dtype:
@@ -223,13 +246,18 @@ def _grad_scaler(dtype: torch.dtype) -> torch.amp.GradScaler:
 
 def create_ddp_model_any_device(model, **kwargs):
     """
-    detectron2's ``create_ddp_model``, with no CUDA device id for a CPU model. Where torch has
+    detectron2's ``create_ddp_model``, with no device id for a CPU model and the current CUDA
+    device for a GPU model (detectron2 passes the local rank, which is not the device index when
+    a scheduler shows each process only its own GPU). Where torch has
     ``forward_sync_buffers`` (2.13+, which deprecates ``broadcast_buffers`` with a warning in
     every process), ``broadcast_buffers=False`` is passed as ``forward_sync_buffers=False``:
     no buffer broadcast at each forward either, buffers synced once when wrapping.
     """
-    if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+    device = next(model.parameters()).device
+    if comm.get_world_size() > 1 and device.type == "cpu":
         kwargs.setdefault("device_ids", None)
+    elif comm.get_world_size() > 1 and device.type == "cuda":  # not always cuda:LOCAL_RANK
+        kwargs.setdefault("device_ids", [torch.cuda.current_device()])
     ddp_args = inspect.signature(DistributedDataParallel.__init__).parameters
     if "broadcast_buffers" in kwargs and "forward_sync_buffers" in ddp_args:
         kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")

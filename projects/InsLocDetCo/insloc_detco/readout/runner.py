@@ -158,11 +158,14 @@ def run_readouts(
         output_dir: where results go (None: ``readout/`` next to each weights file).
         launch: the processes (one per GPU, or CPU processes over gloo; several machines).
     Returns:
-        the result entries (read back from the output folders).
+        the result entries (read back from the output folders), where the launch collects the
+        results (:attr:`Launch.collects_results`); elsewhere [].
     """
     data = check_inputs(weights_list, s, load_weights=launch.world_size > 1)
     dirs = [output_dir or default_output_dir(w, "readout") for w in weights_list]
     launch(_worker, list(weights_list), s, dirs, data)
+    if not launch.collects_results:
+        return []
     return [
         read_json(os.path.join(d, "results.json"))[
             result_key(s.protocol, w, s.train, s.val, s.layout)

@@ -5,13 +5,14 @@ For each benchmark: convert the weights (any layout :mod:`.formats` recognises) 
 benchmark's detector, keeping what that detector uses (:func:`.converter.fit_to_detector`),
 check that the data sets can be read and that every converted tensor loads, then fine-tune and
 evaluate ``trials`` times with seeds ``seed, seed + 1, ...`` (detectron2 ``launch``: one
-process per GPU, any number of machines), on the plumbing every run shares
-(:mod:`insloc_detco.engine.runs`). Layout of the output folder::
+process per GPU, any number of machines; the processes of torchrun or srun; or a SLURM job per
+trial), on the plumbing every run shares (:mod:`insloc_detco.engine.runs`). Layout of the
+output folder::
 
     <output>/weights/<run>_<checkpoint>_<layout>.pkl   converted weights
     <output>/<benchmark>/trial<i>/                     detectron2 run: config.yaml (fully
         resolved), inputs.json (weights digest), log.txt, metrics.json, model_final.pth,
-        results.json (= trial finished)
+        results.json (= trial finished), submitit/ (a SLURM job's stdout/stderr)
     <output>/results.json, <output>/results.md         mean +- std over trials, all benchmarks
 
 Re-running the command skips finished trials and resumes unfinished ones from their last
@@ -236,7 +237,7 @@ def _prepare_benchmark(
         report = check_weights(cfg, pkl, model_state)
         source = f"{report['loaded']} of the detector's {report['model']} tensors come from "
         source += os.path.basename(pkl)
-    counts = check_datasets(cfg, launch.num_machines)
+    counts = check_datasets(cfg, launch.machines)
     logger.info(f"[{bench.name}] {source}; data: {counts}")
     return cfg, pkl
 
@@ -251,8 +252,9 @@ def _run_trials(
     launch: Launch,
     force: bool,
 ) -> List[str]:
-    """Run trials ``0..trials-1`` (seeds ``seed + t``), skipping those finished earlier.
-    Returns their results.json files."""
+    """Run trials ``0..trials-1`` (seeds ``seed + t``), skipping those finished earlier; with
+    a submitting launch, each unfinished trial is a SLURM job instead (logs in its
+    ``submitit/``). Returns their results.json files."""
     weights_sha256 = file_sha256(pkl)
     files = []
     for t in range(trials):
@@ -272,6 +274,11 @@ def _run_trials(
                 "config": bench.config, "max_iter": solver.MAX_ITER,
                 "ims_per_batch": solver.IMS_PER_BATCH, "base_lr": solver.BASE_LR}  # fmt: skip
         logger.info(f"[{bench.name}] trial {t} ({state}): seed {seed + t}, {trial_dir}")
+        if launch.submits:
+            folder = os.path.join(trial_dir, "submitit")
+            job = launch.submit(folder, f"{bench.name}-trial{t}", run_trial, trial_cfg, info)
+            logger.info(f"[{bench.name}] trial {t}: submitted as SLURM job {job} ({folder})")
+            continue
         launch(run_trial, trial_cfg, info)
     return files
 
@@ -295,11 +302,13 @@ def run_benchmarks(
         trials: fine-tunes per benchmark (None: each benchmark's default).
         seed: seed of the first trial; trial i uses ``seed + i``.
         opts: ``KEY VALUE`` config overrides for every benchmark.
-        launch: the processes of each trial (one per GPU; several machines).
+        launch: the processes of each trial (one per GPU; several machines), or a SLURM job
+            per trial (``launch.submits``).
         force: start again a trial that was started with another config or weights (see
             :mod:`.trial_state`); else that is an error.
     Returns:
-        benchmark name -> results (as written to ``results.json``; on the first machine).
+        benchmark name -> results (as written to ``results.json``; where the launch collects
+        results), for the benchmarks whose trials have all finished.
     """
     os.makedirs(output_dir, exist_ok=True)
     all_results: Dict[str, Dict] = {}
@@ -309,6 +318,8 @@ def run_benchmarks(
         files = _run_trials(bench, cfg, pkl, n, seed, output_dir, launch, force)
         if not launch.collects_results:
             continue
+        if launch.submits and not all(os.path.isfile(f) for f in files):
+            continue  # trials run as SLURM jobs: a later run without --slurm tabulates them
         done = [read_json(f) for f in files]
         all_results[bench.name] = {
             "benchmark": bench.name,
