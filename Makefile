@@ -19,6 +19,7 @@ test-fast: setup
 
 lint: setup
 	$(PY) -m ruff check $(PROJECT) setup.py
+	$(PY) -m ruff format --check $(PROJECT) setup.py
 
 # The main job on the embedded data: pretrain InsLoc-FPN on scikit-image's photos; read out
 # what it learned next to random init (augmented-view retrieval on the generated demo_cls

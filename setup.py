@@ -4,6 +4,7 @@
 Requirements stay loose on purpose: GPU users bring their own torch and a detectron2 built from
 source. ``scripts/setup_env.sh`` (``make setup``) installs a CPU-capable stack when there is none.
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -28,6 +29,6 @@ setup(
         "readout": ["scikit-learn"],
         "cityscapes": ["cityscapesscripts", "shapely"],  # detectron2's Cityscapes loader, evaluator
         "cluster": ["submitit>=1.5"],  # --slurm
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "ruff==0.17.6"],
     },
 )

@@ -27,11 +27,11 @@ fi
 
 # Runtime deps of detectron2 (and ours). setuptools<81 keeps pkg_resources for fvcore/detectron2.
 # cityscapesscripts + shapely: detectron2's Cityscapes loader and evaluator (Cityscapes benchmarks).
-# submitit: --slurm submissions (docs/CLUSTERS.md).
+# submitit: --slurm submissions (docs/CLUSTERS.md). ruff pinned: `make lint` checks its formatting.
 pip_install "installing detectron2's dependencies, scikit-image, scikit-learn, cityscapesscripts, submitit, pytest, ruff" \
   "fvcore>=0.1.5" "iopath>=0.1.7" pycocotools "omegaconf>=2.1,<2.4" \
   "hydra-core>=1.1" yacs termcolor tabulate cloudpickle tqdm tensorboard matplotlib Pillow \
-  "setuptools<81" scikit-image scikit-learn cityscapesscripts shapely "submitit>=1.5" pytest ruff
+  "setuptools<81" scikit-image scikit-learn cityscapesscripts shapely "submitit>=1.5" pytest "ruff==0.17.6"
 
 if "$VPY" -c "import detectron2" 2>/dev/null; then
   echo "[setup] using installed detectron2 $("$VPY" -c 'import detectron2; print(detectron2.__version__)')"

@@ -61,27 +61,46 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("weights", nargs="+", help="pretraining .pth, converted .pkl, or random")
     common.add_argument("--train", help="labelled training set (default: the paper's)")
     common.add_argument("--val", help="labelled evaluation set (default: the paper's)")
-    common.add_argument("--layout", choices=LAYOUTS, default="c4",
-                        help="readout network: c4 (ResNet + res5 head, every method converts "
-                        "completely) or fpn (+ FPN and 4conv1fc box head)")  # fmt: skip
-    common.add_argument("--resize", type=int, default=None,
-                        help="shorter side before the centre crop (default: the data set's "
-                        "image_size, else 256)")  # fmt: skip
+    common.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="c4",
+        help="readout network: c4 (ResNet + res5 head, every method converts "
+        "completely) or fpn (+ FPN and 4conv1fc box head)",
+    )
+    common.add_argument(
+        "--resize",
+        type=int,
+        default=None,
+        help="shorter side before the centre crop (default: the data set's image_size, else 256)",
+    )
     common.add_argument("--crop", type=int, default=None, help="default: image_size, else 224")
     common.add_argument("--batch-size", type=int, default=64, help="images per process, features")
     common.add_argument("--num-workers", type=int, default=4)
     common.add_argument("--max-train-images", type=int, default=0, help="> 0: a quick subset")
-    common.add_argument("--precise-bn", type=int, default=0, metavar="N",
-                        help="re-estimate BN statistics on N training images first (0: the "
-                        "checkpoint's, as the papers)")  # fmt: skip
+    common.add_argument(
+        "--precise-bn",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-estimate BN statistics on N training images first (0: the "
+        "checkpoint's, as the papers)",
+    )
     common.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--output-dir", default=None, help="default: readout/ next to weights")
-    common.add_argument("--feature-dir", default=None,
-                        help="knn, linear --cached, loc: where each process writes its features "
-                        "(default: <output dir>/features; removed when done)")  # fmt: skip
-    common.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32",
-                        help="of the features on disk (float16: half the disk)")  # fmt: skip
+    common.add_argument(
+        "--feature-dir",
+        default=None,
+        help="knn, linear --cached, loc: where each process writes its features "
+        "(default: <output dir>/features; removed when done)",
+    )
+    common.add_argument(
+        "--feature-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="of the features on disk (float16: half the disk)",
+    )
     common.add_argument("--keep-features", action="store_true", help="leave them on disk")
     add_launch_arguments(common)
 
@@ -91,33 +110,60 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument("--lr", type=float, default=r.lr)
     classifier.add_argument("--momentum", type=float, default=r.momentum)
     classifier.add_argument("--weight-decay", type=float, default=r.weight_decay)
-    classifier.add_argument("--classifier-batch-size", type=int, default=r.batch_size,
-                            help="global batch of the linear classifier")  # fmt: skip
-    classifier.add_argument("--milestones", type=_ints, default=r.milestones,
-                            help="epochs where lr /= 10, comma-separated")  # fmt: skip
-    classifier.add_argument("--normalize", choices=("none", "standardize"), default=r.normalize,
-                            help="standardise cached features with training statistics")
+    classifier.add_argument(
+        "--classifier-batch-size",
+        type=int,
+        default=r.batch_size,
+        help="global batch of the linear classifier",
+    )
+    classifier.add_argument(
+        "--milestones",
+        type=_ints,
+        default=r.milestones,
+        help="epochs where lr /= 10, comma-separated",
+    )
+    classifier.add_argument(
+        "--normalize",
+        choices=("none", "standardize"),
+        default=r.normalize,
+        help="standardise cached features with training statistics",
+    )
 
     k = sub.add_parser("knn", parents=[common], help="weighted kNN on pooled res5")
     k.add_argument("--k", type=_ints, default=(20, 200), help="comma-separated")
     k.add_argument("--temperature", type=float, default=0.07)
     lin = sub.add_parser("linear", parents=[common, classifier], help="linear classification")
-    lin.add_argument("--cached", action="store_true",
-                     help="train on features extracted once, without augmentation (fast)")
+    lin.add_argument(
+        "--cached",
+        action="store_true",
+        help="train on features extracted once, without augmentation (fast)",
+    )
     loc = sub.add_parser("loc", parents=[common, classifier], help="linear localization (InsLoc)")
     loc.add_argument("--grid", type=int, default=3, help="g: M = g x g cells")
     t = sub.add_parser("table", help="compare the readouts found in result folders")
     t.add_argument("dirs", nargs="+", help="folders with a readout results.json")
     s = sub.add_parser("svm", parents=[common], help="per-stage VOC07 SVMs (DetCo)")
     s.add_argument("--stages", type=lambda x: tuple(x.split(",")), default=STAGES)
-    s.add_argument("--costs", type=_floats, default=DEFAULT_COSTS,
-                   help="cost sweep (default: DetCo's 1,10,100 and 0.5^4 ... 0.5^19)")
-    s.add_argument("--folds", type=int, default=3,
-                   help="stratified cross-validation folds that choose the cost")
-    s.add_argument("--svm-jobs", type=int, default=-1,
-                   help="processes fitting the SVMs (-1: one per CPU)")
-    v = sub.add_parser("views", parents=[common],
-                       help="augmented-view retrieval on the validation images (pretext task)")
+    s.add_argument(
+        "--costs",
+        type=_floats,
+        default=DEFAULT_COSTS,
+        help="cost sweep (default: DetCo's 1,10,100 and 0.5^4 ... 0.5^19)",
+    )
+    s.add_argument(
+        "--folds",
+        type=int,
+        default=3,
+        help="stratified cross-validation folds that choose the cost",
+    )
+    s.add_argument(
+        "--svm-jobs", type=int, default=-1, help="processes fitting the SVMs (-1: one per CPU)"
+    )
+    v = sub.add_parser(
+        "views",
+        parents=[common],
+        help="augmented-view retrieval on the validation images (pretext task)",
+    )
     v.add_argument("--stages", type=lambda x: tuple(x.split(",")), default=("res4", "res5"))
     return parser
 
@@ -127,22 +173,36 @@ def settings_from_args(args, opts) -> ReadoutSettings:
 
     train, val = PROTOCOLS[args.protocol].data  # the papers' data
     s = ReadoutSettings(
-        protocol=args.protocol, train=args.train or train, val=args.val or val,
-        layout=args.layout, resize=args.resize, crop=args.crop, batch_size=args.batch_size,
-        num_workers=args.num_workers, seed=args.seed, max_train_images=args.max_train_images,
+        protocol=args.protocol,
+        train=args.train or train,
+        val=args.val or val,
+        layout=args.layout,
+        resize=args.resize,
+        crop=args.crop,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        max_train_images=args.max_train_images,
         precise_bn=args.precise_bn,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), opts=opts,
-        feature_dir=args.feature_dir, feature_dtype=args.feature_dtype,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        opts=opts,
+        feature_dir=args.feature_dir,
+        feature_dtype=args.feature_dtype,
         keep_features=args.keep_features,
-    )  # fmt: skip
+    )
     if args.protocol == "knn":
         s.ks, s.temperature = args.k, args.temperature
     if args.protocol in ("linear", "loc"):
         s.recipe = LinearRecipe(
-            epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-            weight_decay=args.weight_decay, batch_size=args.classifier_batch_size,
-            milestones=args.milestones, normalize=args.normalize, seed=args.seed,
-        )  # fmt: skip
+            epochs=args.epochs,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            batch_size=args.classifier_batch_size,
+            milestones=args.milestones,
+            normalize=args.normalize,
+            seed=args.seed,
+        )
     if args.protocol == "linear":
         s.cached = args.cached
     if args.protocol == "loc":

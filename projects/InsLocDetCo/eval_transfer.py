@@ -54,8 +54,13 @@ TARGET_HELP = {
 def convert(args):
     check_output_path(args.output, args.input, args.force)  # before reading a large input
     conversion, info = convert_checkpoint(args.input, args.target)
-    save_model_zoo_pkl(conversion, args.output, source=info["source"],
-                       iteration=info["iteration"], force=args.force)  # fmt: skip
+    save_model_zoo_pkl(
+        conversion,
+        args.output,
+        source=info["source"],
+        iteration=info["iteration"],
+        force=args.force,
+    )
     print(f"Detected: {conversion.source_format}")
     print(conversion.table())
     print(
@@ -89,8 +94,10 @@ def run(args):
         return
     pending = [b.name for b in benchmarks if b.name not in results]
     if pending:  # trials submitted as SLURM jobs (logged above with their ids)
-        print(f"Trials of {', '.join(pending)} were submitted as SLURM jobs; when they have "
-              "finished, run the same command without --slurm to write the table.")  # fmt: skip
+        print(
+            f"Trials of {', '.join(pending)} were submitted as SLURM jobs; when they have "
+            "finished, run the same command without --slurm to write the table."
+        )
     else:
         print(f"Results: {os.path.join(output_dir, 'results.md')}")
 
@@ -103,16 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     c = sub.add_parser("convert", help="any recognised checkpoint -> detectron2 .pkl")
-    c.add_argument("input", help="a checkpoint: ours, MoCo, InstanceLoc, DenseCL, torchvision, "
-                   "detectron2 (.pth, .pth.tar, .pkl)")  # fmt: skip
+    c.add_argument(
+        "input",
+        help="a checkpoint: ours, MoCo, InstanceLoc, DenseCL, torchvision, "
+        "detectron2 (.pth, .pth.tar, .pkl)",
+    )
     c.add_argument("output", help="the .pkl to write")
     c.add_argument(
-        "--target", choices=("auto",) + TARGETS, default="auto",
-        help="detector layout: " + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items())
+        "--target",
+        choices=("auto",) + TARGETS,
+        default="auto",
+        help="detector layout: "
+        + "; ".join(f"{k}: {v}" for k, v in TARGET_HELP.items())
         + ". auto: fpn for an FPN / box head (InsLoc-FPN), c4 for InsLoc-C4, else any",
-    )  # fmt: skip
-    c.add_argument("--force", action="store_true",
-                   help="replace OUTPUT even if it is the input or not an earlier conversion")
+    )
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUTPUT even if it is the input or not an earlier conversion",
+    )
 
     r = sub.add_parser("run", help="convert, fine-tune, evaluate, tabulate")
     r.add_argument(
@@ -137,9 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=1, help="seed of the first trial")
     r.add_argument("--output-dir", default=None, help="default: transfer/ next to the checkpoint")
     add_launch_arguments(r, slurm=True)
-    r.add_argument("--force", action="store_true",
-                   help="start again trials begun with another config or weights (the old "
-                   "folder is kept beside them); without it that is an error")  # fmt: skip
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="start again trials begun with another config or weights (the old "
+        "folder is kept beside them); without it that is an error",
+    )
     # Trailing KEY VALUE pairs (detectron2 style) are what parse_known_args leaves over.
     return parser
 

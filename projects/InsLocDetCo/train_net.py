@@ -19,6 +19,7 @@ SIGUSR2 during training save a checkpoint and exit (status 128 + signal). A
 ``SOLVER.IMS_PER_BATCH`` given here without ``SOLVER.BASE_LR`` scales the config's lr linearly
 (``SOLVER.SCALE_LR_WITH_BATCH``).
 """
+
 import logging
 import os
 
@@ -81,15 +82,27 @@ def main(args):
 
 def run(args):
     timeout = dist_timeout(args.dist_timeout)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,), timeout=timeout)  # fmt: skip
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        timeout=timeout,
+    )
 
 
 def submit_job(args):
     cfg, _ = load_config(args)
     folder = os.path.join(cfg.OUTPUT_DIR, "submitit")
-    job = submit(run, (job_arguments(args),), args, folder,
-                 os.path.basename(os.path.normpath(cfg.OUTPUT_DIR)))  # fmt: skip
+    job = submit(
+        run,
+        (job_arguments(args),),
+        args,
+        folder,
+        os.path.basename(os.path.normpath(cfg.OUTPUT_DIR)),
+    )
     print(f"Submitted job {job.job_id}: {cfg.OUTPUT_DIR}/log.txt, job output in {folder}")
 
 

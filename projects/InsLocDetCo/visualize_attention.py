@@ -32,8 +32,12 @@ def build_parser():
     p.add_argument("--dataset", default=None, help="or the first --num-images of a data set")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--labels", default=None, help="comma-separated row labels (default: names)")
-    p.add_argument("--size", type=int, default=None,
-                   help="shorter side and centre crop (default: the data set's size, else 224)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="shorter side and centre crop (default: the data set's size, else 224)",
+    )
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--layout", choices=LAYOUTS, default="c4")
     p.add_argument("--output-dir", default="output/attention")

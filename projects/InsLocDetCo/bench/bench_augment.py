@@ -14,6 +14,7 @@ Photometric augmentation speed, as ratios measured in one process.
    worker spends) for each method's mapper with the photometric part in the loader or on the
    device, against decoding and cropping alone (the floor any placement pays).
 """
+
 import argparse
 import itertools
 import os
@@ -100,18 +101,33 @@ def bench_batch(device: str, batch: int, size: int, repeats: int):
     h = torch.full((batch,), 0.05, device=device)
     s = torch.full((batch,), 1.5, device=device)
     ops = [
-        ("brightness", lambda: P.adjust_brightness(xf, f),
-         lambda img: v2.functional.adjust_brightness(img, 1.2)),
-        ("contrast", lambda: P.adjust_contrast(xf, f),
-         lambda img: v2.functional.adjust_contrast(img, 1.2)),
-        ("saturation", lambda: P.adjust_saturation(xf, f),
-         lambda img: v2.functional.adjust_saturation(img, 1.2)),
+        (
+            "brightness",
+            lambda: P.adjust_brightness(xf, f),
+            lambda img: v2.functional.adjust_brightness(img, 1.2),
+        ),
+        (
+            "contrast",
+            lambda: P.adjust_contrast(xf, f),
+            lambda img: v2.functional.adjust_contrast(img, 1.2),
+        ),
+        (
+            "saturation",
+            lambda: P.adjust_saturation(xf, f),
+            lambda img: v2.functional.adjust_saturation(img, 1.2),
+        ),
         ("hue", lambda: P.adjust_hue(xf, h), lambda img: v2.functional.adjust_hue(img, 0.05)),
-        ("grayscale", lambda: P.to_grayscale(xf),
-         lambda img: v2.functional.rgb_to_grayscale(img, 3)),
-        (f"blur k={k}", lambda: P.gaussian_blur(xf, k, s),
-         lambda img: v2.functional.gaussian_blur(img, [k, k], [1.5, 1.5])),
-    ]  # fmt: skip
+        (
+            "grayscale",
+            lambda: P.to_grayscale(xf),
+            lambda img: v2.functional.rgb_to_grayscale(img, 3),
+        ),
+        (
+            f"blur k={k}",
+            lambda: P.gaussian_blur(xf, k, s),
+            lambda img: v2.functional.gaussian_blur(img, [k, k], [1.5, 1.5]),
+        ),
+    ]
     header = f"{'op (float, whole batch)':<24} {'ours ms':>9} {'torchvision ms':>15}"
     print(f"{header} {'tv / ours':>10}")
     for name, ours_fn, tv_fn in ops:
@@ -158,13 +174,24 @@ def bench_loader(data: str, samples: int):
     """CPU-seconds per sample of one loader worker (one thread, process CPU time)."""
     torch.set_num_threads(1)
     print(f"\n== Loader CPU-seconds per sample (one thread), data {data} ==")
-    print(f"{'method':<10} {'decode+crop':>12} {'device placement':>18} {'loader placement':>18} "
-          f"{'before (torchvision)':>21}")  # fmt: skip
+    print(
+        f"{'method':<10} {'decode+crop':>12} {'device placement':>18} {'loader placement':>18} "
+        f"{'before (torchvision)':>21}"
+    )
     for name, config in CONFIGS.items():
         times = {}
         for where in ("device", "loader"):
-            cfg = load_cfg(config, ["DATASETS.TRAIN", f"('{data}',)", "MODEL.DEVICE", "cpu",
-                                    "INPUT.PRETRAIN.AUGMENT_ON", where])  # fmt: skip
+            cfg = load_cfg(
+                config,
+                [
+                    "DATASETS.TRAIN",
+                    f"('{data}',)",
+                    "MODEL.DEVICE",
+                    "cpu",
+                    "INPUT.PRETRAIN.AUGMENT_ON",
+                    where,
+                ],
+            )
             dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
             mapper = build_pretrain_mapper(cfg, dicts)
             if where == "device":

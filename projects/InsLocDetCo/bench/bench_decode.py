@@ -28,6 +28,7 @@ One thread, process CPU time (what one loader worker spends), in the same proces
 photos, 400-500 x 300-375 px, quality 90); ``--grain S`` adds Gaussian noise of S levels before
 encoding, for files nearer ImageNet's ~110 KB (the smooth photos compress to ~35 KB).
 """
+
 import argparse
 import io
 import itertools
@@ -61,9 +62,11 @@ METHODS = {  # name: (config, DECODE_ON placements to measure, extra options)
     "DetCo": ("pretrain_detco.yaml", ("loader", "device"), []),
     "InsLoc, dataset bg": ("pretrain_insloc_fpn.yaml", ("loader",), []),
     "InsLoc, batch bg": (
-        "pretrain_insloc_c4.yaml", ("loader",), ["INPUT.PRETRAIN.COPY_PASTE.BACKGROUND", "batch"]
+        "pretrain_insloc_c4.yaml",
+        ("loader",),
+        ["INPUT.PRETRAIN.COPY_PASTE.BACKGROUND", "batch"],
     ),
-}  # fmt: skip
+}
 
 
 def cpu_seconds(fn, items, repeats: int = 3) -> float:
@@ -117,16 +120,28 @@ def bench_moco_sample(files, size: int):
         return [draw_crop_box(crop, *image.shape[-2:]) for _ in range(2)]
 
     t = cpu_seconds(header_only, files)
-    print(f"{'bytes + header + 2 box draws: DECODE_ON device':<48} {t * 1e3:7.2f} ms  "
-          f"x{base / t:5.2f} Pillow's speed")  # fmt: skip
+    print(
+        f"{'bytes + header + 2 box draws: DECODE_ON device':<48} {t * 1e3:7.2f} ms  "
+        f"x{base / t:5.2f} Pillow's speed"
+    )
     return base
 
 
 def build_mapper(config, opts, data, where):
-    cfg = load_cfg(config, [
-        "DATASETS.TRAIN", f"('{data}',)", "INPUT.PRETRAIN.AUGMENT_ON", "device",
-        "INPUT.PRETRAIN.DECODE_ON", where, "MODEL.DEVICE", "cpu", *opts,
-    ])  # fmt: skip
+    cfg = load_cfg(
+        config,
+        [
+            "DATASETS.TRAIN",
+            f"('{data}',)",
+            "INPUT.PRETRAIN.AUGMENT_ON",
+            "device",
+            "INPUT.PRETRAIN.DECODE_ON",
+            where,
+            "MODEL.DEVICE",
+            "cpu",
+            *opts,
+        ],
+    )
     dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
     return build_pretrain_mapper(cfg, dicts), dicts
 
@@ -139,16 +154,20 @@ def worker_batch(mapper, records):
 
 
 def bench_mappers(data: str, workers: int, batch: int):
-    print(f"\n== Loader worker CPU-seconds per sample (mapper + collate + pickling), one thread;"
-          f" ceiling with {workers} workers ==")  # fmt: skip
+    print(
+        f"\n== Loader worker CPU-seconds per sample (mapper + collate + pickling), one thread;"
+        f" ceiling with {workers} workers =="
+    )
     for name, (config, placements, opts) in METHODS.items():
         for where in placements:
             mapper, dicts = build_mapper(config, opts, data, where)
             records = list(itertools.islice(itertools.cycle(dicts), 4 * batch))
             batches = [records[i : i + batch] for i in range(0, len(records), batch)]
             t = cpu_seconds(lambda b: worker_batch(mapper, b), batches) / batch
-            print(f"{name:<20} decode on {where:<7} {t * 1e3:7.2f} ms/sample  "
-                  f"ceiling {workers / t:9,.0f} samples/s")  # fmt: skip
+            print(
+                f"{name:<20} decode on {where:<7} {t * 1e3:7.2f} ms/sample  "
+                f"ceiling {workers / t:9,.0f} samples/s"
+            )
 
 
 class OpCounter(TorchDispatchMode):
@@ -174,8 +193,16 @@ def roi_align_views(images, crops, device):
     out = {}
     for key, spec in crops.items():
         top, left, ch, cw, oh, ow = spec.to(device, torch.float32).unbind(1)
-        rois = torch.stack([torch.arange(len(images), device=device, dtype=torch.float32),
-                            left, top, left + cw, top + ch], dim=1)  # fmt: skip
+        rois = torch.stack(
+            [
+                torch.arange(len(images), device=device, dtype=torch.float32),
+                left,
+                top,
+                left + cw,
+                top + ch,
+            ],
+            dim=1,
+        )
         size = (int(spec[0, 4]), int(spec[0, 5]))
         views = roi_align(padded, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         out[key] = views.round_().clamp_(0, 255).to(torch.uint8)
@@ -214,11 +241,14 @@ def bench_device_side(data: str, device: str, batch: int, pillow_s: float, repea
     wall, cpu, ops = timed(lambda b: decode_views(b, device), packed, device)
     diff = (packed[0].tensors["view_q"].cpu().int() - reference.tensors["view_q"].int()).abs()
     speedup = pillow_s * batch / wall
-    print(f"decode + per-crop resized_crop  {batch / wall:9,.0f} img/s, x{speedup:.1f} Pillow "
-          f"on one core; host CPU {cpu * 1e3:.1f} ms/batch; {ops} ops/batch; vs the loader's "
-          f"views: max {diff.max()}, mean {diff.float().mean():.3f} levels")  # fmt: skip
-    wall, _, ops = timed(lambda f: decode_jpeg(f, ImageReadMode.RGB, device), [enc.files()] * 3,
-                         device)  # fmt: skip
+    print(
+        f"decode + per-crop resized_crop  {batch / wall:9,.0f} img/s, x{speedup:.1f} Pillow "
+        f"on one core; host CPU {cpu * 1e3:.1f} ms/batch; {ops} ops/batch; vs the loader's "
+        f"views: max {diff.max()}, mean {diff.float().mean():.3f} levels"
+    )
+    wall, _, ops = timed(
+        lambda f: decode_jpeg(f, ImageReadMode.RGB, device), [enc.files()] * 3, device
+    )
     print(f"decode only (one decode_jpeg)   {batch / wall:9,.0f} img/s; {ops} ops/batch")
     images = [i.float() for i in decode_jpeg(enc.files(), ImageReadMode.RGB, device)]
     rows = list(range(len(images)))
@@ -265,8 +295,10 @@ def main():
         args.data = "folder:" + jpeg_folder(args.data, args.grain)
     files = [d["file_name"] for d in get_pretrain_dataset_dicts(args.data)]
     sizes = [os.path.getsize(f) for f in files]
-    print(f"{len(files)} files from {args.data}, mean {np.mean(sizes) / 1e3:.0f} KB; "
-          f"torch {torch.__version__}")  # fmt: skip
+    print(
+        f"{len(files)} files from {args.data}, mean {np.mean(sizes) / 1e3:.0f} KB; "
+        f"torch {torch.__version__}"
+    )
     pillow_s = bench_moco_sample(files, args.view_size)
     bench_mappers(args.data, args.workers, args.batch)
     bench_device_side(args.data, args.device, args.batch, pillow_s)

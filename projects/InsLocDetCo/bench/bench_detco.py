@@ -15,6 +15,7 @@ wall time on a shared CPU swings several-fold, and spinning OpenMP threads bill 
 
 Measured ratios: ``docs/SPEED.md``.
 """
+
 import argparse
 import os
 import sys

@@ -30,6 +30,7 @@ which hide loader stalls):
 300-375 px, quality 90) and trains on them; ``pretrain_demo`` (the default) is the 18 photos as
 shipped. Results go to stdout and, with ``--out``, as JSON lines to a file.
 """
+
 import argparse
 import gc
 import itertools
@@ -144,22 +145,37 @@ def model_only_rate(trainer, batch, iters: int, warmup: int, device: str) -> Dic
 
 def build_config(args, path: str, batch: int):
     opts = [
-        "MODEL.DEVICE", args.device,
-        "MODEL.FAST_PATH.ENABLED", "on" if path == "fast" else "off",
-        "SOLVER.IMS_PER_BATCH", batch,
-        "SOLVER.REFERENCE_WORLD_SIZE", 0,
-        "SOLVER.EPOCHS", 0,
-        "SOLVER.MAX_ITER", args.warmup + args.iters,
-        "SOLVER.CHECKPOINT_PERIOD", 10**9,
-        "SOLVER.LOG_PERIOD", max(1, (args.warmup + args.iters) // 4),
-        "SOLVER.PLOT_CURVES", False,
-        "SOLVER.AMP.ENABLED", args.amp,
-        "MODEL.CHANNELS_LAST", args.channels_last,
-        "DATALOADER.NUM_WORKERS", args.workers,
-        "INPUT.PRETRAIN.AUGMENT_ON", args.augment_on,
-        "CUDNN_BENCHMARK", args.device.startswith("cuda"),
-        "OUTPUT_DIR", args.output_dir,
-    ]  # fmt: skip
+        "MODEL.DEVICE",
+        args.device,
+        "MODEL.FAST_PATH.ENABLED",
+        "on" if path == "fast" else "off",
+        "SOLVER.IMS_PER_BATCH",
+        batch,
+        "SOLVER.REFERENCE_WORLD_SIZE",
+        0,
+        "SOLVER.EPOCHS",
+        0,
+        "SOLVER.MAX_ITER",
+        args.warmup + args.iters,
+        "SOLVER.CHECKPOINT_PERIOD",
+        10**9,
+        "SOLVER.LOG_PERIOD",
+        max(1, (args.warmup + args.iters) // 4),
+        "SOLVER.PLOT_CURVES",
+        False,
+        "SOLVER.AMP.ENABLED",
+        args.amp,
+        "MODEL.CHANNELS_LAST",
+        args.channels_last,
+        "DATALOADER.NUM_WORKERS",
+        args.workers,
+        "INPUT.PRETRAIN.AUGMENT_ON",
+        args.augment_on,
+        "CUDNN_BENCHMARK",
+        args.device.startswith("cuda"),
+        "OUTPUT_DIR",
+        args.output_dir,
+    ]
     if args.data:
         opts += ["DATASETS.TRAIN", f"('{args.data}',)"]
     cfg = load_cfg(args.config_file, [*opts, *args.opts])
@@ -190,9 +206,8 @@ def run_one(args, path: str, batch: int) -> Dict:
     trainer = PretrainTrainer(cfg)
     # What a step costs in steady state: no checkpoints or plots inside the timed window.
     trainer._hooks = [
-        h for h in trainer._hooks
-        if not isinstance(h, (hooks.PeriodicCheckpointer, PlotCurvesHook))
-    ]  # fmt: skip
+        h for h in trainer._hooks if not isinstance(h, (hooks.PeriodicCheckpointer, PlotCurvesHook))
+    ]
     result = {"e2e_img_s": float("nan"), "data_wait_fraction": float("nan")}
     if not args.model_only:
         result.update(end_to_end(trainer, args, batch))

@@ -19,6 +19,7 @@ the best of ``--repeats`` kept.
 
 Measured ratios: ``docs/SPEED.md``.
 """
+
 import argparse
 import itertools
 import os
@@ -110,9 +111,7 @@ def main():
     print(f"timer: {clock_name} time, torch threads {torch.get_num_threads()}")
     if not args.no_step:
         runs = [("MoCo v2 (same scale)", moco), ("InsLoc-FPN", fpn), ("InsLoc-C4", c4)]
-        rates = best_of(
-            args.repeats, runs, lambda cfg: measure_step(cfg, args.iters, clock=clock)
-        )
+        rates = best_of(args.repeats, runs, lambda cfg: measure_step(cfg, args.iters, clock=clock))
         base = rates[runs[0][0]]
         for name, rate in rates.items():
             print(f"{name:22s} step {rate:8.2f} {unit}   time ratio to MoCo v2 {base / rate:.3f}")

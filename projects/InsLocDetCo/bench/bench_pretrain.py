@@ -14,6 +14,7 @@ Reports:
   * how many loader workers one training process needs to keep the model fed.
 Other bench scripts import :func:`measure_step` and :func:`measure_loader`.
 """
+
 import argparse
 import itertools
 import os
@@ -103,9 +104,11 @@ def add_timing_arguments(parser, iters: int, repeats: int):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--iters", type=int, default=iters)
     parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default=None,
+        "--clock",
+        choices=["wall", "cpu"],
+        default=None,
         help="step timer; default: cpu (process CPU time) on the CPU, wall on a GPU",
-    )  # fmt: skip
+    )
     parser.add_argument("--repeats", type=int, default=repeats, help="interleaved runs, best kept")
 
 
@@ -154,9 +157,11 @@ def main():
     args = parser.parse_args()
     cfg = load_cfg(args.config_file, ["MODEL.DEVICE", args.device, *args.opts])
     torch.manual_seed(0)
-    print(f"config {args.config_file}: batch {cfg.SOLVER.IMS_PER_BATCH}, "
-          f"{cfg.INPUT.PRETRAIN.CROP_SIZE} px, device {args.device}, torch threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"config {args.config_file}: batch {cfg.SOLVER.IMS_PER_BATCH}, "
+        f"{cfg.INPUT.PRETRAIN.CROP_SIZE} px, device {args.device}, torch threads "
+        f"{torch.get_num_threads()}"
+    )
     step = measure_step(cfg, args.iters)
     base = measure_backbone_step(cfg, args.iters)
     loader = measure_loader(cfg)
@@ -164,8 +169,9 @@ def main():
     print(f"{cfg.MODEL.META_ARCHITECTURE} step:      {step:8.2f} img/s")
     print(f"backbone fwd+bwd (1 view):  {base:8.2f} img/s   step / backbone = {step / base:.3f}")
     print(f"loader per worker:          {loader:8.2f} img/s")
-    print(f"decode only:                {decode:8.2f} img/s   "
-          f"loader / decode = {loader / decode:.3f}")
+    print(
+        f"decode only:                {decode:8.2f} img/s   loader / decode = {loader / decode:.3f}"
+    )
     print(f"workers needed to feed one training process: {step / loader:.2f}")
 
 

@@ -114,8 +114,9 @@ class _Sampler(threading.Thread):
 
 def _readout(args, train, val, folder):
     enc, tf = StubEncoder(args.dim), eval_transform(SIZE, SIZE)
-    recipe = LinearRecipe(epochs=2, lr=0.5, batch_size=256, milestones=(1,),
-                          normalize="standardize")
+    recipe = LinearRecipe(
+        epochs=2, lr=0.5, batch_size=256, milestones=(1,), normalize="standardize"
+    )
     ytr, yva = torch.as_tensor(class_labels(train)), torch.as_tensor(class_labels(val))
     boxes = grid_boxes(SIZE, SIZE, 3) if args.protocol == "loc" else None
     kw = dict(boxes=boxes, batch_size=64, num_workers=0)
@@ -129,13 +130,16 @@ def _readout(args, train, val, folder):
     # On disk: what eval_readout.py runs, the protocols' functions on the shards.
     data = ReadoutData(train, val, [f"c{i}" for i in range(CLASSES)], SIZE, SIZE)
     with FeatureStore(folder) as store:
-        ftr, fva = (extract_shard(store, enc, r, tf, s, **kw)
-                    for r, s in ((train, "train"), (val, "val")))  # fmt: skip
+        ftr, fva = (
+            extract_shard(store, enc, r, tf, s, **kw) for r, s in ((train, "train"), (val, "val"))
+        )
         if args.protocol == "knn":
             return knn_metrics(ftr, fva, data, (20,), 0.07, "cpu")
         if args.protocol == "loc":
-            return {**cell_metrics(ftr, fva, data, 3, recipe),
-                    "Cls": linear_metrics(ftr, fva, data, recipe)["top1"]}  # fmt: skip
+            return {
+                **cell_metrics(ftr, fva, data, 3, recipe),
+                "Cls": linear_metrics(ftr, fva, data, recipe)["top1"],
+            }
         return linear_metrics(ftr, fva, data, recipe)
 
 
@@ -151,8 +155,16 @@ def child(args):
     sampler.join()
     with open("/proc/self/status") as f:
         hwm = [int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")][0]
-    print(json.dumps({"anon": sampler.peak, "hwm": hwm, "seconds": time.perf_counter() - start,
-                      "metrics": metrics}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "anon": sampler.peak,
+                "hwm": hwm,
+                "seconds": time.perf_counter() - start,
+                "metrics": metrics,
+            }
+        )
+    )
 
 
 def record_list_bytes(n: int):
@@ -163,14 +175,22 @@ def record_list_bytes(n: int):
     from insloc_detco.readout.features import ReadoutImages
 
     tracemalloc.start()
-    records = [{"file_name": f"/datasets/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG",
-                "label": i % 1000, "image_id": i} for i in range(n)]  # fmt: skip
+    records = [
+        {
+            "file_name": f"/datasets/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG",
+            "label": i % 1000,
+            "image_id": i,
+        }
+        for i in range(n)
+    ]
     listed = tracemalloc.get_traced_memory()[0]
     images = ReadoutImages(records, None, indices=range(0, n, 8))
     names = images.file_names.nbytes + images.indices.nbytes
     tracemalloc.stop()
-    print(f"{n} records: {listed / 2**20:.0f} MiB as a list of dicts; one process's shard of 8 "
-          f"in the loader: {names / 2**20:.1f} MiB")  # fmt: skip
+    print(
+        f"{n} records: {listed / 2**20:.0f} MiB as a list of dicts; one process's shard of 8 "
+        f"in the loader: {names / 2**20:.1f} MiB"
+    )
 
 
 def main():
@@ -190,8 +210,10 @@ def main():
     if args.child:
         return child(args)
     rows = 10 if args.protocol == "loc" else 1
-    print(f"{args.protocol}, {args.dim}-d, {rows} feature rows per image, 1 process, "
-          f"{torch.__version__}")  # fmt: skip
+    print(
+        f"{args.protocol}, {args.dim}-d, {rows} feature rows per image, 1 process, "
+        f"{torch.__version__}"
+    )
     print("| images (train + val) | features | kept | peak RssAnon | peak VmHWM | seconds |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="bench_readout_memory_") as work:
@@ -203,24 +225,40 @@ def main():
             write_class_folder(dirs[1], n // 4, CLASSES, seed=n + 1)
             features = (n + n // 4) * rows * args.dim * 4
             for kept in ("in memory", "on disk"):
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", "--protocol",
-                       args.protocol, "--dim", str(args.dim), "--train-dir", dirs[0],
-                       "--val-dir", dirs[1], "--work", work]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--child",
+                    "--protocol",
+                    args.protocol,
+                    "--dim",
+                    str(args.dim),
+                    "--train-dir",
+                    dirs[0],
+                    "--val-dir",
+                    dirs[1],
+                    "--work",
+                    work,
+                ]
                 if kept == "in memory":
                     cmd.append("--in-memory")
                 env = dict(os.environ, OMP_NUM_THREADS="1")
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 peaks[scale, kept] = r
-                print(f"| {n} + {n // 4} | {features / 2**20:.0f} MiB | {kept} | "
-                      f"{r['anon'] / 2**20:.0f} MiB | {r['hwm'] / 2**20:.0f} MiB | "
-                      f"{r['seconds']:.0f} |")  # fmt: skip
+                print(
+                    f"| {n} + {n // 4} | {features / 2**20:.0f} MiB | {kept} | "
+                    f"{r['anon'] / 2**20:.0f} MiB | {r['hwm'] / 2**20:.0f} MiB | "
+                    f"{r['seconds']:.0f} |"
+                )
         for kept in ("in memory", "on disk"):
             ratio = peaks[4, kept]["anon"] / peaks[1, kept]["anon"]
             disk, memory = peaks[4, kept]["metrics"], peaks[4, "in memory"]["metrics"]
             same = all(disk[k] == v for k, v in memory.items())
-            print(f"{kept}: peak RssAnon 4x / 1x images = {ratio:.2f}"
-                  + ("" if kept == "in memory" else f"; same metrics as in memory: {same}"))
+            print(
+                f"{kept}: peak RssAnon 4x / 1x images = {ratio:.2f}"
+                + ("" if kept == "in memory" else f"; same metrics as in memory: {same}")
+            )
 
 
 if __name__ == "__main__":

@@ -54,29 +54,60 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--seeds", type=int, default=3, help="pretraining seeds per method (1..N)")
-    p.add_argument("--pretrain-iters", type=int, default=128,
-                   help="128 x 32 = 4,096 samples (timings: docs/BENCHMARKS.md)")
+    p.add_argument(
+        "--pretrain-iters",
+        type=int,
+        default=128,
+        help="128 x 32 = 4,096 samples (timings: docs/BENCHMARKS.md)",
+    )
     p.add_argument("--pretrain-batch", type=int, default=32)
     p.add_argument("--pretrain-lr", type=float, default=0.06)
-    p.add_argument("--momentum", type=float, default=0.99,
-                   help="m of the key encoder: 0.999 barely moves it in a few hundred steps")
-    p.add_argument("--queue-size", type=int, default=512,
-                   help="K, well below the pool: older keys of the same image are false "
-                   "negatives")  # fmt: skip
-    p.add_argument("--mlp-norm", default="BN", choices=("", "BN"),
-                   help="MODEL.CONTRAST.MLP_NORM: without BN the projection heads collapse in "
-                   "short schedules (see the README)")  # fmt: skip
-    p.add_argument("--image-size", type=int, default=64,
-                   help="MoCo v2 / DetCo view side and InsLoc canvas side (pixels)")
-    p.add_argument("--readout-cells-images", type=int, default=400,
-                   help="training images for the cell readouts (Loc, ObjLoc); all for kNN/Cls")
-    p.add_argument("--roi-pooler", type=int, default=7,
-                   help="RoIAlign side of InsLoc-C4's pretraining boxes and of the C4 cell "
-                   "readouts (the detector's 14 resamples the 2-4 res4 cells of a box on a "
-                   "64-96 px image to 14 x 14, at 1.8x the cost of InsLoc-C4's step)")  # fmt: skip
-    p.add_argument("--precise-bn", type=int, default=512,
-                   help="re-estimate BN statistics on this many readout training images (every "
-                   "model, random init too; 0: the checkpoint's)")  # fmt: skip
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=0.99,
+        help="m of the key encoder: 0.999 barely moves it in a few hundred steps",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=512,
+        help="K, well below the pool: older keys of the same image are false negatives",
+    )
+    p.add_argument(
+        "--mlp-norm",
+        default="BN",
+        choices=("", "BN"),
+        help="MODEL.CONTRAST.MLP_NORM: without BN the projection heads collapse in "
+        "short schedules (see the README)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=64,
+        help="MoCo v2 / DetCo view side and InsLoc canvas side (pixels)",
+    )
+    p.add_argument(
+        "--readout-cells-images",
+        type=int,
+        default=400,
+        help="training images for the cell readouts (Loc, ObjLoc); all for kNN/Cls",
+    )
+    p.add_argument(
+        "--roi-pooler",
+        type=int,
+        default=7,
+        help="RoIAlign side of InsLoc-C4's pretraining boxes and of the C4 cell "
+        "readouts (the detector's 14 resamples the 2-4 res4 cells of a box on a "
+        "64-96 px image to 14 x 14, at 1.8x the cost of InsLoc-C4's step)",
+    )
+    p.add_argument(
+        "--precise-bn",
+        type=int,
+        default=512,
+        help="re-estimate BN statistics on this many readout training images (every "
+        "model, random init too; 0: the checkpoint's)",
+    )
     p.add_argument("--finetune-iters", type=int, default=0, help="> 0: also fine-tune demo_det")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per pretraining run")
@@ -91,24 +122,41 @@ def parse_args(argv=None):
 def pretrain_command(method: str, seed: int, args, out: str, pool: str):
     s = args.image_size
     opts = [
-        "SEED", str(seed),
-        "SOLVER.WARMUP_ITERS", str(max(1, args.pretrain_iters // 20)),
-        "MODEL.CONTRAST.MOMENTUM", str(args.momentum),
-        "MODEL.CONTRAST.MLP_NORM", args.mlp_norm,
-        "MODEL.CONTRAST.MLP_HIDDEN_DIM", "2048",
-    ]  # fmt: skip
+        "SEED",
+        str(seed),
+        "SOLVER.WARMUP_ITERS",
+        str(max(1, args.pretrain_iters // 20)),
+        "MODEL.CONTRAST.MOMENTUM",
+        str(args.momentum),
+        "MODEL.CONTRAST.MLP_NORM",
+        args.mlp_norm,
+        "MODEL.CONTRAST.MLP_HIDDEN_DIM",
+        "2048",
+    ]
     if method == "insloc_c4":
         opts += ["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", str(args.roi_pooler)]
     if method.startswith("insloc"):
-        opts += ["INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE", str(s),
-                 "INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE", f"({s // 2}, {s - 1})"]  # fmt: skip
+        opts += [
+            "INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE",
+            str(s),
+            "INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE",
+            f"({s // 2}, {s - 1})",
+        ]
     else:
         opts += ["INPUT.PRETRAIN.CROP_SIZE", str(s)]
     return mini_runs.pretrain_command(
-        method, out, f"folder:{pool}", args.pretrain_iters, args.pretrain_batch,
-        args.pretrain_lr, args.queue_size, args.device, args.num_gpus,
-        checkpoint_period=args.pretrain_iters, opts=opts,  # the final checkpoint only
-    )  # fmt: skip
+        method,
+        out,
+        f"folder:{pool}",
+        args.pretrain_iters,
+        args.pretrain_batch,
+        args.pretrain_lr,
+        args.queue_size,
+        args.device,
+        args.num_gpus,
+        checkpoint_period=args.pretrain_iters,
+        opts=opts,  # the final checkpoint only
+    )
 
 
 def pretrain(method: str, seed: int, args, pool: str) -> str:
@@ -154,8 +202,9 @@ def _features(encoder, train, val, cells_images: int, transform, boxes):
 
     from insloc_detco.readout.features import extract_features
 
-    cells = extract_features(encoder, train[:cells_images], transform, ("res5",), boxes,
-                             num_workers=0)  # fmt: skip
+    cells = extract_features(
+        encoder, train[:cells_images], transform, ("res5",), boxes, num_workers=0
+    )
     rest = extract_features(encoder, train[cells_images:], transform, ("res5",), num_workers=0)
     every = {
         "index": torch.cat([cells["index"], rest["index"] + len(cells["index"])]),
@@ -166,9 +215,14 @@ def _features(encoder, train, val, cells_images: int, transform, boxes):
 
 
 def readout_model(
-    weights: str, seed: int, cells_images: int, pooler: int, precise_bn: int, view_size: int,
+    weights: str,
+    seed: int,
+    cells_images: int,
+    pooler: int,
+    precise_bn: int,
+    view_size: int,
     device: str,
-) -> dict:  # fmt: skip
+) -> dict:
     """Views, kNN, Cls, Loc and ObjLoc of one checkpoint (or random init with ``seed``), by the
     readout protocols' functions on one feature extraction; the views at ``view_size``, the
     pretraining's view side."""
@@ -199,8 +253,9 @@ def readout_model(
     start = time.process_time()
     if precise_bn > 0:
         encoder.recompute_bn_statistics(image_batches(train[:precise_bn], tf, 64))
-    f_cells, f_train, f_val = _features(encoder, train, val, cells_images, tf,
-                                        grid_boxes(size, size, 3))  # fmt: skip
+    f_cells, f_train, f_val = _features(
+        encoder, train, val, cells_images, tf, grid_boxes(size, size, 3)
+    )
     # Cached features: standardised, so one learning rate fits random and pretrained features.
     recipe = LinearRecipe(normalize="standardize", seed=seed)
     out = {
@@ -210,8 +265,11 @@ def readout_model(
     }
     cells = dataclasses.replace(data, train=train[:cells_images])
     out.update(cell_metrics(f_cells, f_val, cells, 3, recipe))
-    return {"metrics": out, "weights_loaded": report.summary(),
-            "cpu_s": round(time.process_time() - start, 1)}  # fmt: skip
+    return {
+        "metrics": out,
+        "weights_loaded": report.summary(),
+        "cpu_s": round(time.process_time() - start, 1),
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -220,8 +278,9 @@ def readout_model(
 def finetune(method: str, seed: int, weights: str, args) -> dict:
     """AP and friends (means) of one fine-tuning trial of ``weights``, seed ``seed``."""
     out = os.path.abspath(os.path.join(args.output_dir, "finetune", f"{method}_seed{seed}"))
-    result = mini_runs.finetune(weights, out, args.finetune_iters, 4, 0.02, 1, seed, args.device,
-                                args.num_gpus, threads=1)  # fmt: skip
+    result = mini_runs.finetune(
+        weights, out, args.finetune_iters, 4, 0.02, 1, seed, args.device, args.num_gpus, threads=1
+    )
     return {k: v["mean"] for k, v in result["summary"].items()}
 
 
@@ -238,8 +297,11 @@ def summarize(runs: dict, columns) -> dict:
             values = [r["metrics"][c] for r in seeds.values() if c in r.get("metrics", {})]
             if values:
                 out[method][c] = mean_std(values)
-        acc = [r["pretext"]["acc_top1"] for r in seeds.values()
-               if r.get("pretext", {}).get("acc_top1") is not None]  # fmt: skip
+        acc = [
+            r["pretext"]["acc_top1"]
+            for r in seeds.values()
+            if r.get("pretext", {}).get("acc_top1") is not None
+        ]
         if acc:
             out[method]["pretext top-1"] = mean_std(acc)
     return out
@@ -256,14 +318,22 @@ def read_out_all(methods, args, pool: str, previous: dict, log: StudyLog) -> dic
     """
     seeds = list(range(1, args.seeds + 1))
     # What a cached readout must have been computed with (readout_model's arguments in order).
-    settings = {"cells_images": args.readout_cells_images, "roi_pooler": args.roi_pooler,
-                "precise_bn": args.precise_bn, "view_size": args.image_size}  # fmt: skip
+    settings = {
+        "cells_images": args.readout_cells_images,
+        "roi_pooler": args.roi_pooler,
+        "precise_bn": args.precise_bn,
+        "view_size": args.image_size,
+    }
     runs = {m: {} for m in methods}
 
     def cached(m, s, ckpt):
         done = previous.get(m, {}).get(str(s))
-        if (done and set(COLUMNS) <= set(done.get("metrics", {})) and done.get("weights") == ckpt
-                and done.get("readout") == settings):  # fmt: skip
+        if (
+            done
+            and set(COLUMNS) <= set(done.get("metrics", {}))
+            and done.get("weights") == ckpt
+            and done.get("readout") == settings
+        ):
             return done
         return None
 
@@ -278,8 +348,11 @@ def read_out_all(methods, args, pool: str, previous: dict, log: StudyLog) -> dic
             fut = ex.submit(readout_model, ckpt, s, *settings.values(), args.device)
             pending[fut] = ("readout", m, s, ckpt)
 
-        pending = {ex.submit(pretrain, m, s, args, pool): ("pretrain", m, s, None)
-                   for m in order for s in seeds}  # fmt: skip
+        pending = {
+            ex.submit(pretrain, m, s, args, pool): ("pretrain", m, s, None)
+            for m in order
+            for s in seeds
+        }
         for m in (m for m in methods if not METHODS[m]):
             for s in seeds:
                 done = cached(m, s, "random")
@@ -329,8 +402,9 @@ def main(argv=None):
     summary = summarize(runs, columns)
     md = mini_runs.table(summary, list(columns) + ["pretext top-1"], {m: args.seeds for m in runs})
     wall = log.wall()
-    mini_runs.write_study(args.output_dir, "mini_benchmark", md, vars(args), wall, runs=runs,
-                          summary=summary)  # fmt: skip
+    mini_runs.write_study(
+        args.output_dir, "mini_benchmark", md, vars(args), wall, runs=runs, summary=summary
+    )
     log(f"finished in {wall} s\n{md}")
 
 

@@ -80,20 +80,35 @@ def pretrain_command(
 ) -> List[str]:
     """``train_net.py`` for ``method``'s recipe at this budget on ``dataset``, plus ``opts``."""
     return [
-        sys.executable, "train_net.py", "--config-file", METHODS[method], "--resume",
-        "--num-gpus", str(num_gpus),
-        "MODEL.DEVICE", device,
-        "DATASETS.TRAIN", f"('{dataset}',)",
-        "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.IMS_PER_BATCH", str(batch),
-        "SOLVER.BASE_LR", str(lr),
-        "SOLVER.CHECKPOINT_PERIOD", str(checkpoint_period),
-        "SOLVER.LOG_PERIOD", "10",
-        "MODEL.CONTRAST.QUEUE_SIZE", str(queue_size),
-        "DATALOADER.NUM_WORKERS", "1",
-        "OUTPUT_DIR", out,
+        sys.executable,
+        "train_net.py",
+        "--config-file",
+        METHODS[method],
+        "--resume",
+        "--num-gpus",
+        str(num_gpus),
+        "MODEL.DEVICE",
+        device,
+        "DATASETS.TRAIN",
+        f"('{dataset}',)",
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.IMS_PER_BATCH",
+        str(batch),
+        "SOLVER.BASE_LR",
+        str(lr),
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(checkpoint_period),
+        "SOLVER.LOG_PERIOD",
+        "10",
+        "MODEL.CONTRAST.QUEUE_SIZE",
+        str(queue_size),
+        "DATALOADER.NUM_WORKERS",
+        "1",
+        "OUTPUT_DIR",
+        out,
         *opts,
-    ]  # fmt: skip
+    ]
 
 
 def pretrain(cmd: List[str], out: str, what: str, threads: Optional[int] = None, log=None) -> str:
@@ -125,16 +140,33 @@ def finetune(
     returns its results.json entry (``summary``: mean ± std per column, ``trials``)."""
     os.makedirs(out, exist_ok=True)
     cmd = [
-        sys.executable, "eval_transfer.py", "run", weights, "--benchmark", FINETUNE_BENCHMARK,
-        "--trials", str(trials), "--seed", str(seed), "--output-dir", out,
-        "--num-gpus", str(num_gpus),
-        "MODEL.DEVICE", device,
-        "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.STEPS", f"({int(iters * 0.75)},)",
-        "SOLVER.WARMUP_ITERS", str(max(1, iters // 10)),
-        "SOLVER.IMS_PER_BATCH", str(batch),
-        "SOLVER.BASE_LR", str(lr),
-    ]  # fmt: skip
+        sys.executable,
+        "eval_transfer.py",
+        "run",
+        weights,
+        "--benchmark",
+        FINETUNE_BENCHMARK,
+        "--trials",
+        str(trials),
+        "--seed",
+        str(seed),
+        "--output-dir",
+        out,
+        "--num-gpus",
+        str(num_gpus),
+        "MODEL.DEVICE",
+        device,
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.STEPS",
+        f"({int(iters * 0.75)},)",
+        "SOLVER.WARMUP_ITERS",
+        str(max(1, iters // 10)),
+        "SOLVER.IMS_PER_BATCH",
+        str(batch),
+        "SOLVER.BASE_LR",
+        str(lr),
+    ]
     run_logged(cmd, os.path.join(out, "stdout.txt"), f"fine-tuning {weights}", threads)
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)[FINETUNE_BENCHMARK]

@@ -17,6 +17,7 @@ images are never seen before evaluation. Everything (runs, checkpoints, results.
 mini_transfer.md) goes under ``--output-dir``; re-running skips finished pretraining runs and
 fine-tuning trials. The measured table and what it shows: ``docs/BENCHMARKS.md``.
 """
+
 import os
 import sys
 from argparse import ArgumentParser
@@ -36,12 +37,20 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-iters", type=int, default=200)
     p.add_argument("--pretrain-batch", type=int, default=16)
     p.add_argument("--pretrain-lr", type=float, default=0.03)
-    p.add_argument("--num-unlabeled", type=int, default=462,
-                   help="extra generated images in the pretraining pool (with the 32 demo_det "
-                   "train images and 18 photos: 512)")
-    p.add_argument("--queue-size", type=int, default=128,
-                   help="keep it well below the pool size: older keys of the same image in the "
-                   "queue are false negatives")
+    p.add_argument(
+        "--num-unlabeled",
+        type=int,
+        default=462,
+        help="extra generated images in the pretraining pool (with the 32 demo_det "
+        "train images and 18 photos: 512)",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=128,
+        help="keep it well below the pool size: older keys of the same image in the "
+        "queue are false negatives",
+    )
     p.add_argument("--finetune-iters", type=int, default=100)
     p.add_argument("--finetune-batch", type=int, default=4)
     p.add_argument("--finetune-lr", type=float, default=0.02)
@@ -70,17 +79,26 @@ def pretraining_list(output_dir: str, num_unlabeled: int) -> str:
 
 def pretrain_command(method: str, args, out: str, image_list: str):
     return mini_runs.pretrain_command(
-        method, out, f"list:{image_list}", args.pretrain_iters, args.pretrain_batch,
-        args.pretrain_lr, args.queue_size, args.device, args.num_gpus,
+        method,
+        out,
+        f"list:{image_list}",
+        args.pretrain_iters,
+        args.pretrain_batch,
+        args.pretrain_lr,
+        args.queue_size,
+        args.device,
+        args.num_gpus,
         checkpoint_period=max(50, args.pretrain_iters // 4),
-    )  # fmt: skip
+    )
 
 
 def pretrain(method: str, args, image_list: str, log: StudyLog) -> str:
     """One (unseeded) pretraining run of ``method``; returns its final checkpoint."""
     out = os.path.abspath(os.path.join(args.output_dir, "pretrain", method))
-    log(f"{method}: pretraining {args.pretrain_iters} iterations x {args.pretrain_batch} "
-        f"images (log: {out}/log.txt)")
+    log(
+        f"{method}: pretraining {args.pretrain_iters} iterations x {args.pretrain_batch} "
+        f"images (log: {out}/log.txt)"
+    )
     cmd = pretrain_command(method, args, out, image_list)
     return mini_runs.pretrain(cmd, out, f"{method}: pretraining", log=log)
 
@@ -92,21 +110,32 @@ def main(argv=None):
     log = StudyLog("mini_transfer")
     image_list = pretraining_list(args.output_dir, args.num_unlabeled)
     log(f"{sum(1 for _ in open(image_list))} pretraining images; methods: {methods}")
-    checkpoints = {m: "random" if METHODS[m] is None else pretrain(m, args, image_list, log)
-                   for m in methods}
+    checkpoints = {
+        m: "random" if METHODS[m] is None else pretrain(m, args, image_list, log) for m in methods
+    }
     results = {}
     for m in methods:
-        log(f"{m}: fine-tuning {FINETUNE_BENCHMARK} x {args.seeds} seeds, "
-            f"{args.finetune_iters} iterations each")
+        log(
+            f"{m}: fine-tuning {FINETUNE_BENCHMARK} x {args.seeds} seeds, "
+            f"{args.finetune_iters} iterations each"
+        )
         out = os.path.abspath(os.path.join(args.output_dir, "finetune", m))
         results[m] = mini_runs.finetune(
-            checkpoints[m], out, args.finetune_iters, args.finetune_batch, args.finetune_lr,
-            args.seeds, 1, args.device, args.num_gpus,
+            checkpoints[m],
+            out,
+            args.finetune_iters,
+            args.finetune_batch,
+            args.finetune_lr,
+            args.seeds,
+            1,
+            args.device,
+            args.num_gpus,
         )
         log(f"{m}: done\n{table(results)}")
     md = table(results)
-    mini_runs.write_study(args.output_dir, "mini_transfer", md, vars(args), log.wall(),
-                          results=results)
+    mini_runs.write_study(
+        args.output_dir, "mini_transfer", md, vars(args), log.wall(), results=results
+    )
     log(f"finished in {log.wall()} s\n{md}")
 
 

@@ -12,6 +12,7 @@ the CPU can always measure. It is counted with ``torch.profiler`` as
 
 On CUDA the profiler also sees the GPU kernels themselves and their busy time.
 """
+
 import time
 from collections import Counter
 from typing import Dict, Iterable, Sequence, Tuple
@@ -25,11 +26,36 @@ OP_NAMESPACES = ("aten::", "torchvision::", "mkldnn::", "_c10d_functional::", "c
 KERNEL_MARKS = ("cpp_fused", "triton_", "cpp_CppKernelProxy")
 # Operators that only make a view, detach, or allocate: dispatched on the host, no GPU kernel.
 METADATA_OPS = {
-    "detach", "view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand",
-    "reshape", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "unbind",
-    "chunk", "alias", "lift_fresh", "empty", "empty_strided", "empty_like", "resize_",
-    "reinterpret_tensor", "flatten", "contiguous", "_reshape_alias", "narrow", "unflatten",
-}  # fmt: skip
+    "detach",
+    "view",
+    "_unsafe_view",
+    "as_strided",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "reshape",
+    "unsqueeze",
+    "squeeze",
+    "select",
+    "slice",
+    "split",
+    "split_with_sizes",
+    "unbind",
+    "chunk",
+    "alias",
+    "lift_fresh",
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "resize_",
+    "reinterpret_tensor",
+    "flatten",
+    "contiguous",
+    "_reshape_alias",
+    "narrow",
+    "unflatten",
+}
 
 
 def enable_kernel_events():

@@ -1,4 +1,5 @@
 """InsLocDetCo: detection-oriented self-supervised pretraining on detectron2."""
+
 from .warning_filters import ignore_known_third_party_warnings
 
 ignore_known_third_party_warnings()  # before the imports below load detectron2 and fvcore

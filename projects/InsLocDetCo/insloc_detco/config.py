@@ -5,6 +5,7 @@ the command line fails at load time (yacs raises ``KeyError: Non-existent config
 Symbols in the comments follow the papers: MoCo (He et al. 2020, Chen et al. 2020), InsLoc
 (Yang et al. CVPR 2021) and DetCo (Xie et al. ICCV 2021).
 """
+
 from detectron2.config import CfgNode as CN
 
 from .checkpoint.periodic import DEFAULT_MAX_TO_KEEP

@@ -8,6 +8,7 @@ modules are ignored; any other warning, and these from our own code, still shows
 ``setup_logging``, reaches ``log.txt`` with a timestamp). Installed by ``insloc_detco/__init__``
 before anything imports detectron2.
 """
+
 import logging
 import warnings
 

@@ -93,20 +93,33 @@ def write_fakes(folder, resnet_sd, heads):
     moco.update({f"module.encoder_k.{k}": v + 1 for k, v in backbone.items()})
     for enc in ("encoder_q", "encoder_k"):
         moco[f"module.{enc}.fc.0.weight"], moco[f"module.{enc}.fc.0.bias"] = (
-            torch.randn(2048, 2048), torch.randn(2048))  # fmt: skip
+            torch.randn(2048, 2048),
+            torch.randn(2048),
+        )
         moco[f"module.{enc}.fc.2.weight"], moco[f"module.{enc}.fc.2.bias"] = (
-            torch.randn(128, 2048), torch.randn(128))  # fmt: skip
+            torch.randn(128, 2048),
+            torch.randn(128),
+        )
     moco["module.queue"] = torch.randn(128, 64)
     moco["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
     optimizer = {"state": {}, "param_groups": [{"lr": 0.03, "momentum": 0.9, "params": [0, 1]}]}
-    save("moco_v2", {"epoch": 200, "arch": "resnet50", "state_dict": moco,
-                     "optimizer": optimizer}, "moco_v2_200ep_pretrain.pth.tar")  # fmt: skip
+    save(
+        "moco_v2",
+        {"epoch": 200, "arch": "resnet50", "state_dict": moco, "optimizer": optimizer},
+        "moco_v2_200ep_pretrain.pth.tar",
+    )
     # MoCo v1: one fc layer, the legacy (non-zip) torch format.
     v1 = {k: v for k, v in moco.items() if ".fc." not in k}
     v1["module.encoder_q.fc.weight"], v1["module.encoder_q.fc.bias"] = (
-        torch.randn(128, 2048), torch.randn(128))  # fmt: skip
-    save("moco_v1", {"epoch": 200, "arch": "resnet50", "state_dict": v1},
-         "moco_v1_200ep_pretrain.pth.tar", _use_new_zipfile_serialization=False)  # fmt: skip
+        torch.randn(128, 2048),
+        torch.randn(128),
+    )
+    save(
+        "moco_v1",
+        {"epoch": 200, "arch": "resnet50", "state_dict": v1},
+        "moco_v1_200ep_pretrain.pth.tar",
+        _use_new_zipfile_serialization=False,
+    )
     save("torchvision", resnet_sd, "resnet50-0676ba61.pth")
     # DenseCL raw (OpenSelfSup runner): encoder_q = Sequential(ResNet, neck); self.backbone is
     # encoder_q[0] again, so its tensors are in the state dict twice; two queues.
@@ -117,10 +130,16 @@ def write_fakes(folder, resnet_sd, heads):
     for q in ("queue", "queue2"):
         densecl[q], densecl[q + "_ptr"] = torch.randn(128, 16), torch.zeros(1, dtype=torch.long)
     meta = {"epoch": 200, "iter": 1000, "config": "model = dict(...)"}
-    save("densecl_raw", {"meta": meta, "state_dict": densecl, "optimizer": optimizer},
-         "epoch_200.pth")  # fmt: skip
-    save("densecl_released", {"state_dict": backbone, "author": "DenseCL"},
-         "densecl_r50_imagenet_200ep.pth")  # fmt: skip
+    save(
+        "densecl_raw",
+        {"meta": meta, "state_dict": densecl, "optimizer": optimizer},
+        "epoch_200.pth",
+    )
+    save(
+        "densecl_released",
+        {"state_dict": backbone, "author": "DenseCL"},
+        "densecl_r50_imagenet_200ep.pth",
+    )
     save("detco_released", {"state_dict": backbone}, "detco_200ep.pkl")  # a torch file
     # InstanceLoc FPN (mmdetection): query branch backbone / neck / roi_head, momentum branch
     # backbone_k / neck_k / roi_head_k, one queue per level.
@@ -130,12 +149,16 @@ def write_fakes(folder, resnet_sd, heads):
     insloc.update(_key_encoder(heads, "neck.", "neck_k."))
     insloc.update(_key_encoder(heads, "roi_head.", "roi_head_k."))
     insloc["queues"], insloc["queue_ptr"] = torch.randn(4, 128, 16), torch.zeros(1).long()
-    save("insloc_fpn", {"meta": {"epoch": 200, "mmcv_version": "1.0.5"}, "state_dict": insloc},
-         "insloc_fpn_200ep.pth")  # fmt: skip
+    save(
+        "insloc_fpn",
+        {"meta": {"epoch": 200, "mmcv_version": "1.0.5"}, "state_dict": insloc},
+        "insloc_fpn_200ep.pth",
+    )
     # InstanceLoc C4: ResNet layer1-3 in the backbone, layer4 as the RoI "shared head".
     c4 = {f"backbone.{k}": v for k, v in backbone.items() if not k.startswith("layer4.")}
-    c4.update({f"roi_head.shared_head.{k}": v for k, v in backbone.items()
-               if k.startswith("layer4.")})  # fmt: skip
+    c4.update(
+        {f"roi_head.shared_head.{k}": v for k, v in backbone.items() if k.startswith("layer4.")}
+    )
     c4.update(_key_encoder(c4, "backbone.", "backbone_k."))
     c4.update(_key_encoder(c4, "roi_head.shared_head.", "roi_head_k.shared_head."))
     c4["roi_head.bbox_head.fc_cls.weight"] = torch.randn(128, 2048)

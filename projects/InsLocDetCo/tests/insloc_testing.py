@@ -1,4 +1,5 @@
 """Helpers shared by the tests."""
+
 import contextlib
 import json
 import os

@@ -1,4 +1,5 @@
 """INPUT.PRETRAIN.AUGMENT_ON: the photometric part of the views in the loader or on the device."""
+
 import pytest
 import torch
 from conftest import load_config
@@ -70,10 +71,18 @@ def test_device_augmentation_applies_in_training_only():
 
 def test_device_flip_moves_the_insloc_boxes():
     cfg = load_config(
-        CONFIGS["insloc_fpn"], "INPUT.PRETRAIN.AUGMENT_ON", "device",
-        "INPUT.PRETRAIN.FLIP_PROB", 1.0, "INPUT.PRETRAIN.COLOR_JITTER_PROB", 0.0,
-        "INPUT.PRETRAIN.GRAYSCALE_PROB", 0.0, "INPUT.PRETRAIN.BLUR_PROB", 0.0,
-    )  # fmt: skip
+        CONFIGS["insloc_fpn"],
+        "INPUT.PRETRAIN.AUGMENT_ON",
+        "device",
+        "INPUT.PRETRAIN.FLIP_PROB",
+        1.0,
+        "INPUT.PRETRAIN.COLOR_JITTER_PROB",
+        0.0,
+        "INPUT.PRETRAIN.GRAYSCALE_PROB",
+        0.0,
+        "INPUT.PRETRAIN.BLUR_PROB",
+        0.0,
+    )
     model = build_model(cfg).train()
     views = [torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8) for _ in range(2)]
     boxes = torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 30.0, 96.0]])
@@ -86,8 +95,16 @@ def test_device_flip_moves_the_insloc_boxes():
 def test_detco_device_path_cuts_patches_like_the_loader():
     """Same crops, offsets and order: the device cut equals the loader's patches (no
     photometric change, so the two placements must agree pixel for pixel)."""
-    off = ["INPUT.PRETRAIN.COLOR_JITTER_PROB", 0.0, "INPUT.PRETRAIN.GRAYSCALE_PROB", 0.0,
-           "INPUT.PRETRAIN.BLUR_PROB", 0.0, "INPUT.PRETRAIN.FLIP_PROB", 0.0]  # fmt: skip
+    off = [
+        "INPUT.PRETRAIN.COLOR_JITTER_PROB",
+        0.0,
+        "INPUT.PRETRAIN.GRAYSCALE_PROB",
+        0.0,
+        "INPUT.PRETRAIN.BLUR_PROB",
+        0.0,
+        "INPUT.PRETRAIN.FLIP_PROB",
+        0.0,
+    ]
     cfg = load_config(CONFIGS["detco"], "INPUT.PRETRAIN.AUGMENT_ON", "device", *off)
     torch.manual_seed(0)
     _, batch = _mapped(cfg, n=2)

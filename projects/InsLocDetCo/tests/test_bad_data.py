@@ -1,6 +1,7 @@
 """Bad data ends clearly and never aborts a usable data set: replacement of unreadable images
 and when the data set counts as broken (every mapper), folder listing through symbolic links,
 and the pixel cap checked from the header."""
+
 import logging
 import os
 import struct
@@ -29,15 +30,21 @@ MAPPERS = {
     "moco": ("instant_test/pretrain_moco_v2.yaml",),
     "insloc_dataset_bg": ("instant_test/pretrain_insloc_fpn.yaml",),
     "insloc_batch_bg": (
-        "instant_test/pretrain_insloc_c4.yaml", "INPUT.PRETRAIN.COPY_PASTE.BACKGROUND", "batch"
+        "instant_test/pretrain_insloc_c4.yaml",
+        "INPUT.PRETRAIN.COPY_PASTE.BACKGROUND",
+        "batch",
     ),
     "detco": ("instant_test/pretrain_detco.yaml",),
-}  # fmt: skip
+}
 # What is tested is reading; photometric augmentation would only cost time.
 NO_COLOUR = (
-    "INPUT.PRETRAIN.COLOR_JITTER_PROB", 0.0, "INPUT.PRETRAIN.GRAYSCALE_PROB", 0.0,
-    "INPUT.PRETRAIN.BLUR_PROB", 0.0,
-)  # fmt: skip
+    "INPUT.PRETRAIN.COLOR_JITTER_PROB",
+    0.0,
+    "INPUT.PRETRAIN.GRAYSCALE_PROB",
+    0.0,
+    "INPUT.PRETRAIN.BLUR_PROB",
+    0.0,
+)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -102,12 +109,15 @@ def _corpus(root, num_good: int, num_bad: int):
 def _loader_cfg(mapper, root, *opts):
     return load_config(
         *MAPPERS[mapper],
-        "DATASETS.TRAIN", (f"folder:{root}",),
-        "DATALOADER.NUM_WORKERS", 0,
-        "SOLVER.IMS_PER_BATCH", 4,
+        "DATASETS.TRAIN",
+        (f"folder:{root}",),
+        "DATALOADER.NUM_WORKERS",
+        0,
+        "SOLVER.IMS_PER_BATCH",
+        4,
         *NO_COLOUR,
         *opts,
-    )  # fmt: skip
+    )
 
 
 def _batches(cfg, num: int):
@@ -232,9 +242,13 @@ def test_all_unreadable_large_data_set_in_a_loader_worker(num, limit, tmp_path):
     """Through a loader worker process; below and above MAX_CONSECUTIVE_FAILURES."""
     root = _corpus(tmp_path, 0, num)
     cfg = _loader_cfg(
-        "insloc_dataset_bg", root, "DATALOADER.NUM_WORKERS", 1,
-        "INPUT.PRETRAIN.MAX_CONSECUTIVE_FAILURES", limit,
-    )  # fmt: skip
+        "insloc_dataset_bg",
+        root,
+        "DATALOADER.NUM_WORKERS",
+        1,
+        "INPUT.PRETRAIN.MAX_CONSECUTIVE_FAILURES",
+        limit,
+    )
     expected = f"every file of the data set \\({num}\\)" if num < limit else f"first {limit} "
     with pytest.raises(UnreadableDatasetError, match=expected):
         _batches(cfg, 1)
@@ -249,9 +263,11 @@ def test_folder_lists_each_real_file_once(tmp_path, caplog):
     for folder in ("sub", "other"):
         (root / folder).mkdir(parents=True)
     real = [
-        _good(root / "a.png", 0), _good(root / "b.jpg", 1),
-        _good(root / "sub" / "c.png", 2), _good(root / "other" / "d.png", 3),
-    ]  # fmt: skip
+        _good(root / "a.png", 0),
+        _good(root / "b.jpg", 1),
+        _good(root / "sub" / "c.png", 2),
+        _good(root / "other" / "d.png", 3),
+    ]
     os.symlink("..", root / "sub" / "up")  # a loop
     os.symlink(root / "other", root / "also_other")  # a second path to a folder
     os.symlink("a.png", root / "alias.png")  # a second path to a file...
@@ -340,9 +356,13 @@ def test_mapper_skips_counts_and_names_the_key_for_large_images(tmp_path, caplog
     Image.new("P", (400, 300), 1).save(tmp_path / "large.png")  # real, decodable
     _claims_size("BMP", tmp_path / "huge.bmp", 20000, 5000)  # header only
     cfg = _loader_cfg(
-        "moco", tmp_path, "INPUT.PRETRAIN.MAX_IMAGE_PIXELS", 100 * 100,
-        "INPUT.PRETRAIN.MAX_DECODE_SIZE", 0,
-    )  # fmt: skip
+        "moco",
+        tmp_path,
+        "INPUT.PRETRAIN.MAX_IMAGE_PIXELS",
+        100 * 100,
+        "INPUT.PRETRAIN.MAX_DECODE_SIZE",
+        0,
+    )
     dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
     mapper = build_pretrain_mapper(cfg, dicts)
     assert mapper.max_image_pixels == 100 * 100
@@ -360,7 +380,6 @@ def test_all_images_too_large_ends_naming_the_key(tmp_path):
     cfg = _loader_cfg("detco", tmp_path, "INPUT.PRETRAIN.MAX_IMAGE_PIXELS", 200 * 200)
     with pytest.raises(UnreadableDatasetError, match="INPUT.PRETRAIN.MAX_IMAGE_PIXELS"):
         _batches(cfg, 1)
-
 
 
 def test_corrupt_png_pixel_data_is_unreadable_not_black(tmp_path):
@@ -388,10 +407,19 @@ def test_train_net_insloc_on_a_mostly_bad_folder_with_a_link_loop(tmp_path):
     os.symlink("..", os.path.join(root, "sub", "up"))
     out = tmp_path / "out"
     proc = run_train_net(
-        "--config-file", "instant_test/pretrain_insloc_fpn.yaml",
-        "DATASETS.TRAIN", f"('folder:{root}',)", "SOLVER.IMS_PER_BATCH", 4,
-        "SOLVER.EPOCHS", 4, "SOLVER.CHECKPOINT_PERIOD", 100, "OUTPUT_DIR", out,
-    )  # fmt: skip
+        "--config-file",
+        "instant_test/pretrain_insloc_fpn.yaml",
+        "DATASETS.TRAIN",
+        f"('folder:{root}',)",
+        "SOLVER.IMS_PER_BATCH",
+        4,
+        "SOLVER.EPOCHS",
+        4,
+        "SOLVER.CHECKPOINT_PERIOD",
+        100,
+        "OUTPUT_DIR",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["iteration"] == 2
@@ -401,9 +429,13 @@ def test_train_net_insloc_on_a_mostly_bad_folder_with_a_link_loop(tmp_path):
 def test_train_net_on_an_unreadable_folder_ends_with_our_error(tmp_path):
     root = _corpus(tmp_path / "data", 0, 7)
     proc = run_train_net(
-        "--config-file", "instant_test/pretrain_detco.yaml",
-        "DATASETS.TRAIN", f"('folder:{root}',)", "OUTPUT_DIR", tmp_path / "out",
-    )  # fmt: skip
+        "--config-file",
+        "instant_test/pretrain_detco.yaml",
+        "DATASETS.TRAIN",
+        f"('folder:{root}',)",
+        "OUTPUT_DIR",
+        tmp_path / "out",
+    )
     assert proc.returncode != 0
     assert "every file of the data set (7) is unreadable" in proc.stderr
     assert "Sample larger than population" not in proc.stderr

@@ -1,4 +1,5 @@
 """PretrainBatch: stacked in the loader worker, iterated as detectron2's list of dicts."""
+
 import pickle
 
 import torch
@@ -10,10 +11,15 @@ from insloc_detco.data.build import build_pretrain_train_loader
 
 def _samples(n=3):
     return [
-        {"view_q": torch.full((3, 4, 4), i, dtype=torch.uint8), "box_q": torch.arange(4.0) + i,
-         "image_id": i, "num_skipped": 0, "ragged": torch.zeros(i + 1)}
+        {
+            "view_q": torch.full((3, 4, 4), i, dtype=torch.uint8),
+            "box_q": torch.arange(4.0) + i,
+            "image_id": i,
+            "num_skipped": 0,
+            "ragged": torch.zeros(i + 1),
+        }
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def test_stacks_same_shaped_tensors_and_iterates_as_dicts():

@@ -1,6 +1,7 @@
 """InsLoc's box augmentation in the loader: the anchors it picks are distributed as the
 reference procedure's (qualifying anchors, greedy NMS on random scores, one survivor uniformly),
 also when the device flips the view after the loader drew the box."""
+
 import os
 
 import numpy as np
@@ -140,9 +141,11 @@ def test_step_keeps_the_pick_that_matches_the_flip(flip_prob):
     side = cfg.INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE
     truth = torch.tensor([[10.0, 20.0, 60.0, 70.0], [0.0, 5.0, 50.0, 90.0]])
     pairs = torch.tensor(
-        [[[8.0, 16.0, 56.0, 64.0], [16.0, 24.0, 64.0, 72.0]],
-         [[0.0, 0.0, 48.0, 96.0], [2.0, 4.0, 50.0, 92.0]]]
-    )  # fmt: skip
+        [
+            [[8.0, 16.0, 56.0, 64.0], [16.0, 24.0, 64.0, 72.0]],
+            [[0.0, 0.0, 48.0, 96.0], [2.0, 4.0, 50.0, 92.0]],
+        ]
+    )
     batch = [
         {"view_q": torch.zeros(3, side, side, dtype=torch.uint8), "box_q": b, "box_q_aug": p}
         for b, p in zip(truth, pairs)

@@ -68,8 +68,10 @@ def test_chosen_detectors_load_their_weights(fakes, tmp_path):
     """InsLoc-FPN weights fill the 4conv1fc head before the extra norm; MoCo v2 weights go into
     a detector without that norm, with every tensor loaded."""
     # conv1..4: weight + BN (5 tensors); fc1: weight, bias.
-    for source, fc_norm, box_head_tensors in (("insloc_fpn", True, 4 * 6 + 2),
-                                              ("moco_v2", False, 0)):  # fmt: skip
+    for source, fc_norm, box_head_tensors in (
+        ("insloc_fpn", True, 4 * 6 + 2),
+        ("moco_v2", False, 0),
+    ):
         cfg = box_head_for_weights(load_transfer_config(INSLOC_FPN), fakes[source])
         state = detector_state(cfg)
         assert any(k.startswith("roi_heads.box_head.fc_norm.") for k in state) == fc_norm
@@ -85,8 +87,16 @@ def test_chosen_detectors_load_their_weights(fakes, tmp_path):
 def test_run_records_the_choice(tmp_path):
     """The trial's config.yaml says which head a run used (random init: no norm after fc1)."""
     out = str(tmp_path / "transfer")
-    opts = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1",
-            "TEST.PRECISE_BN.NUM_ITER", "1"]  # fmt: skip
+    opts = [
+        "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.STEPS",
+        "(1,)",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "TEST.PRECISE_BN.NUM_ITER",
+        "1",
+    ]
     run_benchmarks(RANDOM_INIT, [BENCHMARKS["demo_coco_fpn"]], out, trials=1, opts=opts)
     cfg = get_cfg()
     cfg.merge_from_file(os.path.join(out, "demo_coco_fpn", "trial0", "config.yaml"))

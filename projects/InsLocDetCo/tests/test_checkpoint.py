@@ -1,4 +1,5 @@
 """Weights files never run code: the restricted loader, the trainer's checkpointer, the CLI."""
+
 import collections
 import importlib.util
 import os
@@ -38,8 +39,10 @@ def _hostile_pkl(path, marker):
 def _model_zoo_data():
     return {
         "model": collections.OrderedDict(
-            [("backbone.stem.conv1.weight", np.arange(6, dtype=np.float32).reshape(2, 3)),
-             ("backbone.res2.0.conv1.norm.num_batches_tracked", np.int64(7))]  # fmt: skip
+            [
+                ("backbone.stem.conv1.weight", np.arange(6, dtype=np.float32).reshape(2, 3)),
+                ("backbone.res2.0.conv1.norm.num_batches_tracked", np.int64(7)),
+            ]
         ),
         "__author__": "someone",
         "matching_heuristics": True,
@@ -52,8 +55,9 @@ def test_model_zoo_pkl_loads(tmp_path, protocol):
     with open(path, "wb") as f:
         pickle.dump(_model_zoo_data(), f, protocol=protocol)
     data = load_weights_file(path)
-    np.testing.assert_array_equal(data["model"]["backbone.stem.conv1.weight"],
-                                  np.arange(6, dtype=np.float32).reshape(2, 3))  # fmt: skip
+    np.testing.assert_array_equal(
+        data["model"]["backbone.stem.conv1.weight"], np.arange(6, dtype=np.float32).reshape(2, 3)
+    )
     assert data["model"]["backbone.res2.0.conv1.norm.num_batches_tracked"] == 7
     assert data["__author__"] == "someone" and data["matching_heuristics"] is True
 
@@ -90,16 +94,22 @@ def test_hostile_torch_file_is_refused_before_running(tmp_path):
 
 def test_checkpointer_loads_model_zoo_and_caffe2_pkls(tmp_path):
     model = nn.Sequential(collections.OrderedDict(fc=nn.Linear(3, 2)))
-    zoo = {"model": {"fc.weight": np.full((2, 3), 2.0, np.float32), "fc.bias": np.zeros(2)},
-           "__author__": "someone"}  # fmt: skip
+    zoo = {
+        "model": {"fc.weight": np.full((2, 3), 2.0, np.float32), "fc.bias": np.zeros(2)},
+        "__author__": "someone",
+    }
     path = str(tmp_path / "zoo.pkl")
     with open(path, "wb") as f:
         pickle.dump(zoo, f)
     SafeDetectionCheckpointer(model).load(path)
     assert torch.equal(model.fc.weight, torch.full((2, 3), 2.0))
     # Caffe2-style: a bare dict of blobs; the solver's momentum blobs are dropped.
-    caffe2 = {"blobs": {"fc.weight": np.full((2, 3), 3.0, np.float32),
-                        "fc.weight_momentum": np.zeros((2, 3), np.float32)}}  # fmt: skip
+    caffe2 = {
+        "blobs": {
+            "fc.weight": np.full((2, 3), 3.0, np.float32),
+            "fc.weight_momentum": np.zeros((2, 3), np.float32),
+        }
+    }
     with open(path, "wb") as f:
         pickle.dump(caffe2, f)
     loaded = SafeDetectionCheckpointer(model)._load_file(path)

@@ -1,4 +1,5 @@
 """Checkpoints: checksums, atomic writes, resuming past damaged files, retention, disk use."""
+
 import hashlib
 import logging
 import os
@@ -77,7 +78,9 @@ def test_save_is_atomic_and_records_sha256(tmp_path):
     assert verify_checksum(path) is True
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000004.pth"
     assert sorted(os.listdir(tmp_path)) == [
-        "last_checkpoint", "model_0000004.pth", "model_0000004.pth.sha256"
+        "last_checkpoint",
+        "model_0000004.pth",
+        "model_0000004.pth.sha256",
     ]
 
 
@@ -193,11 +196,15 @@ def test_periodic_checkpoints_keep_the_newest_and_final_once(tmp_path):
     # iterations 1, 3, ..., 17 are periodic; 19 is the last: only model_final.pth, once.
     assert names == [
         "last_checkpoint",
-        "model_0000013.pth", "model_0000013.pth.sha256",
-        "model_0000015.pth", "model_0000015.pth.sha256",
-        "model_0000017.pth", "model_0000017.pth.sha256",
-        "model_final.pth", "model_final.pth.sha256",
-    ]  # fmt: skip
+        "model_0000013.pth",
+        "model_0000013.pth.sha256",
+        "model_0000015.pth",
+        "model_0000015.pth.sha256",
+        "model_0000017.pth",
+        "model_0000017.pth.sha256",
+        "model_final.pth",
+        "model_final.pth.sha256",
+    ]
     assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
 
 
@@ -207,7 +214,9 @@ def test_retention_also_prunes_checkpoints_of_earlier_sessions(tmp_path):
     # A resumed session with a longer schedule and retention on.
     _run_periodic(tmp_path, 10, 16, period=2, keep=2)
     assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pth")) == [
-        "model_0000011.pth", "model_0000013.pth", "model_final.pth"
+        "model_0000011.pth",
+        "model_0000013.pth",
+        "model_final.pth",
     ]
 
 
@@ -229,6 +238,4 @@ def test_disk_use_line_states_kept_and_total(tmp_path):
     assert "~1.2 GB each" in line and "199 periodic" in line and "~240.0 GB" in line
     line = describe_checkpoint_disk_use(detco, epoch, 200 * epoch, 3, str(tmp_path))
     assert "the newest 3 kept" in line and "~4.8 GB" in line
-    assert "NOT ENOUGH DISK SPACE" in describe_checkpoint_disk_use(
-        10**18, 1, 10, 3, str(tmp_path)
-    )
+    assert "NOT ENOUGH DISK SPACE" in describe_checkpoint_disk_use(10**18, 1, 10, 3, str(tmp_path))

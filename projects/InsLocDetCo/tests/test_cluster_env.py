@@ -1,15 +1,30 @@
 """insloc_detco.engine.cluster_env: which launcher started a process, from its variables."""
+
 import pytest
 
 from insloc_detco.engine import cluster_env
 from insloc_detco.engine.cluster_env import LaunchError, detect_launcher, first_host, port_for_job
 from insloc_detco.engine.launch import _check_no_spawn_request
 
-TORCHRUN = {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
-            "MASTER_ADDR": "node7", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}  # fmt: skip
-SRUN = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
-        "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "4242",
-        "SLURM_STEP_NODELIST": "gpu[003-004]"}  # fmt: skip
+TORCHRUN = {
+    "RANK": "5",
+    "WORLD_SIZE": "16",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "4",
+    "MASTER_ADDR": "node7",
+    "MASTER_PORT": "29500",
+    "TORCHELASTIC_RUN_ID": "x",
+}
+SRUN = {
+    "SLURM_PROCID": "9",
+    "SLURM_NTASKS": "16",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+    "SLURM_STEP_NUM_NODES": "2",
+    "SLURM_STEP_ID": "0",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_NODELIST": "gpu[003-004]",
+}
 
 
 def test_started_by_hand_is_no_launch():
@@ -24,11 +39,17 @@ def test_started_by_hand_is_no_launch():
 def test_torchrun_variables():
     p = detect_launcher(TORCHRUN)
     assert (p.launcher, p.rank, p.world_size, p.local_rank, p.local_world_size) == (
-        "torchrun", 5, 16, 1, 4)  # fmt: skip
+        "torchrun",
+        5,
+        16,
+        1,
+        4,
+    )
     assert (p.node_rank, p.num_nodes, p.master_addr, p.master_port) == (1, 4, "node7", 29500)
     # A PyTorchJob pod (one process, no LOCAL_*): local rank 0 of 1.
-    pod = detect_launcher({k: TORCHRUN[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                     "MASTER_PORT")})  # fmt: skip
+    pod = detect_launcher(
+        {k: TORCHRUN[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    )
     assert (pod.local_rank, pod.local_world_size, pod.node_rank) == (0, 1, 5)
 
 
@@ -36,7 +57,12 @@ def test_srun_tasks(monkeypatch):
     monkeypatch.setattr(cluster_env.shutil, "which", lambda name: None)  # no scontrol here
     p = detect_launcher(SRUN)
     assert (p.launcher, p.rank, p.world_size, p.local_rank, p.local_world_size) == (
-        "slurm", 9, 16, 1, 8)  # fmt: skip
+        "slurm",
+        9,
+        16,
+        1,
+        8,
+    )
     assert p.master_addr == "gpu003" and p.master_port == port_for_job("4242")
     # torchrun inside an srun step (one task per node) is a torchrun launch.
     assert detect_launcher(dict(SRUN, **TORCHRUN)).launcher == "torchrun"
@@ -45,9 +71,13 @@ def test_srun_tasks(monkeypatch):
 
 
 def test_submitit_local_tasks():
-    env = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_GLOBALID": "1",
-           "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_NTASKS": "2",
-           "SUBMITIT_LOCAL_JOB_ID": "777"}  # fmt: skip
+    env = {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_GLOBALID": "1",
+        "SUBMITIT_LOCAL_LOCALID": "1",
+        "SUBMITIT_LOCAL_NTASKS": "2",
+        "SUBMITIT_LOCAL_JOB_ID": "777",
+    }
     p = detect_launcher(env)
     assert (p.launcher, p.rank, p.world_size) == ("submitit-local", 1, 2)
     assert p.master_addr == "127.0.0.1"

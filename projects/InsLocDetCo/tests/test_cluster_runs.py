@@ -1,5 +1,6 @@
 """Multi-process runs as clusters start them, on the CPU over gloo: torchrun, submitit's local
 executor, PyTorchJob-style processes; preemption and resume, lost ranks, readouts."""
+
 import json
 import os
 import signal
@@ -20,8 +21,20 @@ CONFIG = "instant_test/pretrain_moco_v2.yaml"
 
 
 def _opts(out, max_iter=6, period=100):
-    return ["--config-file", CONFIG, "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD",
-            str(period), "SOLVER.LOG_PERIOD", "1", "SEED", "3", "OUTPUT_DIR", str(out)]  # fmt: skip
+    return [
+        "--config-file",
+        CONFIG,
+        "SOLVER.MAX_ITER",
+        str(max_iter),
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(period),
+        "SOLVER.LOG_PERIOD",
+        "1",
+        "SEED",
+        "3",
+        "OUTPUT_DIR",
+        str(out),
+    ]
 
 
 def _env(**extra):
@@ -33,13 +46,21 @@ def _env(**extra):
 
 
 def _torchrun(script, *args, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", script, *map(str, args)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        script,
+        *map(str, args),
+    ]
 
 
 def _run(cmd, timeout=900, **env):
-    proc = subprocess.run(cmd, cwd=PROJECT_DIR, env=_env(**env), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=PROJECT_DIR, env=_env(**env), capture_output=True, text=True, timeout=timeout
+    )
     return proc
 
 
@@ -110,8 +131,19 @@ def test_torchrun_joins_and_matches_detectron2_launch(reference, tmp_path):
     out, log = reference
     assert "World size: 2" in log and "World size: 1" not in log
     assert os.path.exists(out / "log.txt.rank1")
-    _ok(_run([sys.executable, "train_net.py", "--num-gpus", "2", "--dist-url", "auto",
-              *_opts(tmp_path)]))  # the default URL's port is per user, not per run
+    _ok(
+        _run(
+            [
+                sys.executable,
+                "train_net.py",
+                "--num-gpus",
+                "2",
+                "--dist-url",
+                "auto",
+                *_opts(tmp_path),
+            ]
+        )
+    )  # the default URL's port is per user, not per run
     assert_same_state(out / "model_final.pth", tmp_path / "model_final.pth")
 
 
@@ -127,14 +159,22 @@ def _signal_iteration_and_stop(log):
     received = [line for line in log.splitlines() if "received at iteration" in line]
     stopped = [line for line in log.splitlines() if "Stopped after iteration" in line]
     assert received and stopped, log[-3000:]
-    return (int(received[0].split("received at iteration ")[1].split(":")[0]),
-            int(stopped[0].split("Stopped after iteration ")[1].split()[0]))  # fmt: skip
+    return (
+        int(received[0].split("received at iteration ")[1].split(":")[0]),
+        int(stopped[0].split("Stopped after iteration ")[1].split()[0]),
+    )
 
 
 def test_preempted_torchrun_run_resumes_to_the_same_state(reference, tmp_path):
     cmd = _torchrun("train_net.py", *_opts(tmp_path))
-    agent = subprocess.Popen(cmd, cwd=PROJECT_DIR, env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    agent = subprocess.Popen(
+        cmd,
+        cwd=PROJECT_DIR,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for_iteration(tmp_path, 1, [agent])
     agent.send_signal(signal.SIGTERM)  # as Kubernetes does; torchrun signals its workers' groups
     log = agent.communicate(timeout=300)[0]
@@ -151,12 +191,25 @@ def test_preempted_torchrun_run_resumes_to_the_same_state(reference, tmp_path):
 
 
 def test_submitit_local_job_is_preempted_requeued_and_resumes(reference, tmp_path):
-    cmd = [sys.executable, "train_net.py", "--slurm", "--submitit-cluster", "local",
-           "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "30", *_opts(tmp_path)]
+    cmd = [
+        sys.executable,
+        "train_net.py",
+        "--slurm",
+        "--submitit-cluster",
+        "local",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "2",
+        "--time",
+        "30",
+        *_opts(tmp_path),
+    ]
     # Not a pipe: the job's controller inherits it, and a pipe would stay open until its end.
     with open(tmp_path / "submit.txt", "w") as f:
-        submitter = subprocess.run(cmd, cwd=PROJECT_DIR, env=_env(), stdout=f,
-                                   stderr=subprocess.STDOUT, timeout=300)  # fmt: skip
+        submitter = subprocess.run(
+            cmd, cwd=PROJECT_DIR, env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=300
+        )
     text = (tmp_path / "submit.txt").read_text()
     assert submitter.returncode == 0, text[-3000:]
     job_id = int(text.split("Submitted job ")[1].split(":")[0])  # the local controller's pid
@@ -191,8 +244,19 @@ def test_a_submitting_launch_runs_each_call_as_a_job_whose_tasks_join(tmp_path, 
 
     parser = argparse.ArgumentParser()
     add_launch_arguments(parser, slurm=True)
-    options = ["--slurm", "--submitit-cluster", "local", "--gpus-per-node", "0",
-               "--tasks-per-node", "2", "--time", "10", "--dist-timeout", "60"]  # fmt: skip
+    options = [
+        "--slurm",
+        "--submitit-cluster",
+        "local",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "2",
+        "--time",
+        "10",
+        "--dist-timeout",
+        "60",
+    ]
     launch = Launch.from_args(parser.parse_args(options))
     for k, v in _env().items():  # the job's processes inherit this environment
         monkeypatch.setenv(k, v)
@@ -221,12 +285,26 @@ def _pytorchjob(out, world, timeout_s):
     port = str(_free_port())
     procs = []
     for rank in range(world):
-        env = _env(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port)  # fmt: skip
-        cmd = [sys.executable, "train_net.py", "--dist-timeout", str(timeout_s),
-               *_opts(out, max_iter=200, period=2), "SOLVER.IMS_PER_BATCH", str(2 * world)]
-        procs.append(subprocess.Popen(cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        env = _env(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = [
+            sys.executable,
+            "train_net.py",
+            "--dist-timeout",
+            str(timeout_s),
+            *_opts(out, max_iter=200, period=2),
+            "SOLVER.IMS_PER_BATCH",
+            str(2 * world),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=PROJECT_DIR,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -263,9 +341,22 @@ def test_readout_under_torchrun_equals_one_process(tmp_path):
     root = tmp_path / "cls"
     for split in ("train", "val"):  # a small generated class-folder set
         demo_cls.load_demo_cls(str(root), split, {"train": 40, "val": 24}, 64)
-    args = ["knn", "random", "--train", f"class_folder:{root}/train", "--val",
-            f"class_folder:{root}/val", "--num-workers", "0", "--batch-size", "8", "--k", "5",
-            "--device", "cpu"]  # fmt: skip
+    args = [
+        "knn",
+        "random",
+        "--train",
+        f"class_folder:{root}/train",
+        "--val",
+        f"class_folder:{root}/val",
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "8",
+        "--k",
+        "5",
+        "--device",
+        "cpu",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     _ok(_run([sys.executable, "eval_readout.py", *args, "--output-dir", one]))
     log = _ok(_run(_torchrun("eval_readout.py", *args, "--output-dir", two)))

@@ -28,8 +28,10 @@ def test_every_pretrain_config_loads(name):
 
 def test_unknown_key_fails_at_load_time(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text('_BASE_: "%s"\nMODEL:\n  CONTRAST:\n    TEMPERATUR: 0.1\n'
-                   % resolve_config_file("pretrain_moco_v2.yaml"))
+    bad.write_text(
+        '_BASE_: "%s"\nMODEL:\n  CONTRAST:\n    TEMPERATUR: 0.1\n'
+        % resolve_config_file("pretrain_moco_v2.yaml")
+    )
     cfg = get_cfg()
     add_insloc_detco_config(cfg)
     with pytest.raises(KeyError, match="TEMPERATUR"):
@@ -42,10 +44,20 @@ def test_full_scale_moco_v2_hyper_parameters():
     cfg = load_config("pretrain_moco_v2.yaml")
     c = cfg.MODEL.CONTRAST
     assert (c.DIM, c.QUEUE_SIZE, c.TEMPERATURE, c.MOMENTUM, c.MLP_HIDDEN_DIM) == (
-        128, 65536, 0.2, 0.999, 2048)
+        128,
+        65536,
+        0.2,
+        0.999,
+        2048,
+    )
     s = cfg.SOLVER
     assert (s.IMS_PER_BATCH, s.BASE_LR, s.MOMENTUM, s.WEIGHT_DECAY, s.EPOCHS) == (
-        256, 0.03, 0.9, 1e-4, 200)
+        256,
+        0.03,
+        0.9,
+        1e-4,
+        200,
+    )
     assert s.LR_SCHEDULER_NAME == "WarmupCosineLR" and s.BASE_LR_END == 0.0
     assert s.REFERENCE_WORLD_SIZE == 8
     p = cfg.INPUT.PRETRAIN
@@ -58,6 +70,7 @@ def test_full_scale_moco_v2_hyper_parameters():
 
 def test_bare_config_name_resolves_and_missing_one_fails():
     assert resolve_config_file("pretrain_moco_v2.yaml").endswith(
-        os.path.join("configs", "pretrain_moco_v2.yaml"))
+        os.path.join("configs", "pretrain_moco_v2.yaml")
+    )
     with pytest.raises(FileNotFoundError, match="not found"):
         resolve_config_file("pretrain_nothing.yaml")

@@ -148,7 +148,7 @@ def _shuffle_bn_worker(per_rank):
     torch.manual_seed(5)
     out_bn = encode_with_shuffle_bn(bn, mine)
     torch.manual_seed(5)
-    (slice_, ), idx = batch_shuffle(mine)
+    (slice_,), idx = batch_shuffle(mine)
     slice_bn = torch.nn.functional.batch_norm(slice_, None, None, training=True)
     expected = batch_unshuffle(slice_bn, idx)
     assert torch.allclose(out_bn, expected, atol=1e-5)

@@ -46,11 +46,16 @@ DETECTORS = {
     "retinanet": "instant_test/coco_retinanet_R_50_FPN_semi.yaml",
 }
 CASES = [
-    ("MoCoV2", "c4"), ("MoCoV2", "fpn"), ("MoCoV2", "retinanet"),
-    ("DetCo", "c4"), ("DetCo", "fpn"),
+    ("MoCoV2", "c4"),
+    ("MoCoV2", "fpn"),
+    ("MoCoV2", "retinanet"),
+    ("DetCo", "c4"),
+    ("DetCo", "fpn"),
     ("InsLocC4", "c4"),
-    ("InsLocFPN", "fpn"), ("InsLocFPN", "c4"), ("InsLocFPN", "retinanet"),
-]  # fmt: skip
+    ("InsLocFPN", "fpn"),
+    ("InsLocFPN", "c4"),
+    ("InsLocFPN", "retinanet"),
+]
 
 
 def _randomise(model: nn.Module, seed: int):
@@ -258,10 +263,12 @@ def test_ddp_prefix_and_layout_inference():
     conversion = convert_state_dict(sd, "c4")  # no meta-architecture: inferred from the keys
     assert conversion.meta_architecture == "MoCoV2"
     assert set(conversion.model) == {
-        "backbone.stem.conv1.weight", "backbone.res2.0.conv1.weight",
-        "backbone.res3.0.conv1.weight", "backbone.res4.0.conv1.weight",
+        "backbone.stem.conv1.weight",
+        "backbone.res2.0.conv1.weight",
+        "backbone.res3.0.conv1.weight",
+        "backbone.res4.0.conv1.weight",
         "roi_heads.res5.0.conv1.weight",
-    }  # fmt: skip
+    }
     assert all(torch.equal(v, torch.ones(1)) for v in conversion.model.values())  # query, not key
     assert "module.encoder_k." in {p for p, _, _ in conversion.left_out}  # reported as stored
     assert convert_state_dict(sd, "auto").target == "any"  # backbone only: layout-neutral

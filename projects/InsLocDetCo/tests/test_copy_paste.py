@@ -1,5 +1,6 @@
 """InsLoc's copy-paste compositor: geometry of the composite and its box, both background
 sources, the box-aware flip, the plain-crop ablation and worker-safe randomness."""
+
 import os
 
 import numpy as np
@@ -14,12 +15,17 @@ from insloc_detco.data.copy_paste import CopyPasteMapper, paste, sample_foregrou
 S = 128  # canvas
 # Fixed canvas and paste sizes, no photometric augmentation: exact pixels can be checked.
 FIXED = (
-    "INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE", str(S),
-    "INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE", "(64, 127)",
-    "INPUT.PRETRAIN.COLOR_JITTER_PROB", "0.0",
-    "INPUT.PRETRAIN.GRAYSCALE_PROB", "0.0",
-    "INPUT.PRETRAIN.BLUR_PROB", "0.0",
-)  # fmt: skip
+    "INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE",
+    str(S),
+    "INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE",
+    "(64, 127)",
+    "INPUT.PRETRAIN.COLOR_JITTER_PROB",
+    "0.0",
+    "INPUT.PRETRAIN.GRAYSCALE_PROB",
+    "0.0",
+    "INPUT.PRETRAIN.BLUR_PROB",
+    "0.0",
+)
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (90,) * 3]
 
 
@@ -165,11 +171,15 @@ def test_loader_workers_do_not_share_random_streams(tmp_path):
     cfg = load_config(
         "instant_test/pretrain_insloc_fpn.yaml",
         *FIXED,
-        "DATASETS.TRAIN", f"('folder:{tmp_path}',)",
-        "DATALOADER.NUM_WORKERS", "2",
-        "SOLVER.IMS_PER_BATCH", "4",
-        "INPUT.PRETRAIN.COPY_PASTE.BACKGROUND", "batch",
-    )  # fmt: skip
+        "DATASETS.TRAIN",
+        f"('folder:{tmp_path}',)",
+        "DATALOADER.NUM_WORKERS",
+        "2",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "INPUT.PRETRAIN.COPY_PASTE.BACKGROUND",
+        "batch",
+    )
     it = iter(build_pretrain_train_loader(cfg))
     batches = [next(it) for _ in range(4)]  # workers 0, 1, 0, 1
     boxes = [np.stack([d["box_q"].numpy() for d in b]) for b in batches]

@@ -134,8 +134,12 @@ def test_moco_mapper_outputs(cfg_loader, tmp_path):
 def test_moco_mapper_rgb_order_without_photometric_aug(cfg_loader, tmp_path):
     cfg = _mapper_cfg(
         cfg_loader,
-        "INPUT.PRETRAIN.COLOR_JITTER_PROB", 0.0, "INPUT.PRETRAIN.GRAYSCALE_PROB", 0.0,
-        "INPUT.PRETRAIN.BLUR_PROB", 0.0,
+        "INPUT.PRETRAIN.COLOR_JITTER_PROB",
+        0.0,
+        "INPUT.PRETRAIN.GRAYSCALE_PROB",
+        0.0,
+        "INPUT.PRETRAIN.BLUR_PROB",
+        0.0,
     )
     img = np.zeros((80, 80, 3), np.uint8)
     img[..., 0], img[..., 1], img[..., 2] = 200, 100, 10
@@ -180,8 +184,13 @@ def test_mapper_raises_when_everything_is_broken(cfg_loader, image_dir):
 def test_loader_replaces_and_counts_bad_images(cfg_loader, image_dir):
     root, good, bad = image_dir
     cfg = _mapper_cfg(
-        cfg_loader, "DATASETS.TRAIN", (f"folder:{root}",), "DATALOADER.NUM_WORKERS", 0,
-        "SOLVER.IMS_PER_BATCH", 4,
+        cfg_loader,
+        "DATASETS.TRAIN",
+        (f"folder:{root}",),
+        "DATALOADER.NUM_WORKERS",
+        0,
+        "SOLVER.IMS_PER_BATCH",
+        4,
     )
     loader = build_pretrain_train_loader(cfg)
     seen = 0

@@ -66,8 +66,13 @@ def test_voc_and_coco_describe_the_same_objects(demo_root):
             w, h = Image.open(v["file_name"]).size
             assert (v["width"], v["height"]) == (c["width"], c["height"]) == (w, h)
             assert 1 <= len(v["annotations"]) == len(c["annotations"]) <= 3
-            inst = np.asarray(Image.open(v["file_name"].replace("JPEGImages", "SegmentationObject")
-                                         .replace(".jpg", ".png")))  # fmt: skip
+            inst = np.asarray(
+                Image.open(
+                    v["file_name"]
+                    .replace("JPEGImages", "SegmentationObject")
+                    .replace(".jpg", ".png")
+                )
+            )
             for k, (va, ca) in enumerate(zip(v["annotations"], c["annotations"])):
                 assert va["category_id"] == ca["category_id"]
                 box = BoxMode.convert(ca["bbox"], ca["bbox_mode"], BoxMode.XYXY_ABS)
@@ -94,8 +99,13 @@ def test_voc_and_coco_describe_the_same_objects(demo_root):
 def test_metadata_and_builtin_names(demo_root):
     assert MetadataCatalog.get("t_demo_det_voc_val").evaluator_type == "pascal_voc"
     assert MetadataCatalog.get("t_demo_det_coco_val").evaluator_type == "coco"
-    for name in ("demo_det_voc_train", "demo_det_voc_val", "demo_det_coco_train",
-                 "demo_det_coco_val", "demo_det_coco_train_50pct"):  # fmt: skip
+    for name in (
+        "demo_det_voc_train",
+        "demo_det_voc_val",
+        "demo_det_coco_train",
+        "demo_det_coco_val",
+        "demo_det_coco_train_50pct",
+    ):
         assert name in DatasetCatalog.list()
         assert list(MetadataCatalog.get(name).thing_classes) == list(demo_det.DEMO_DET_CLASSES)
 
@@ -145,8 +155,11 @@ def test_keypoints_are_the_corners_of_the_shapes(demo_root):
     assert names == list(demo_det.DEMO_DET_KEYPOINT_NAMES)
     seen = set()
     for r in DatasetCatalog.get("t_demo_det_keypoints_train"):
-        inst = np.asarray(Image.open(r["file_name"].replace("JPEGImages", "SegmentationObject")
-                                     .replace(".jpg", ".png")))  # fmt: skip
+        inst = np.asarray(
+            Image.open(
+                r["file_name"].replace("JPEGImages", "SegmentationObject").replace(".jpg", ".png")
+            )
+        )
         for k, a in enumerate(r["annotations"]):
             cls = demo_det.DEMO_DET_CLASSES[a["category_id"]]
             kp = _keypoints(a)
@@ -159,8 +172,7 @@ def test_keypoints_are_the_corners_of_the_shapes(demo_root):
             x0, y0, w, h = a["bbox"]
             if cls == "square":
                 np.testing.assert_allclose(at["top_left"], (x0 + 0.5, y0 + 0.5), atol=1)
-                np.testing.assert_allclose(at["bottom_right"], (x0 + w - 0.5, y0 + h - 0.5),
-                                           atol=1)  # fmt: skip
+                np.testing.assert_allclose(at["bottom_right"], (x0 + w - 0.5, y0 + h - 0.5), atol=1)
                 assert at["top_right"][0] > at["top_left"][0] and at["bottom_left"][1] > y0 + 1
             if cls == "triangle":
                 assert at["bottom_left"][0] < at["top"][0] < at["bottom_right"][0]
@@ -197,9 +209,12 @@ def test_keypoint_ap_of_the_ground_truth(demo_root, tmp_path):
     records = DatasetCatalog.get("t_demo_det_keypoints_val")
 
     def keypoint_ap(shift: float) -> float:
-        ev = COCOEvaluator("t_demo_det_keypoints_val", tasks=("keypoints",),
-                           output_dir=str(tmp_path / str(shift)),
-                           kpt_oks_sigmas=demo_det.DEMO_DET_KEYPOINT_OKS_SIGMAS)  # fmt: skip
+        ev = COCOEvaluator(
+            "t_demo_det_keypoints_val",
+            tasks=("keypoints",),
+            output_dir=str(tmp_path / str(shift)),
+            kpt_oks_sigmas=demo_det.DEMO_DET_KEYPOINT_OKS_SIGMAS,
+        )
         ev.reset()
         for r in records:
             out = _as_predictions(r, with_masks=False)

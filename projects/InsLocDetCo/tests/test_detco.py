@@ -1,4 +1,5 @@
 """DetCo meta-architecture: its 12 terms, their queues and weights, ablations, shuffle-BN."""
+
 import json
 import os
 
@@ -21,12 +22,16 @@ def tiny_model(*opts):
     """DetCo from the instant config at a still smaller scale: 32 px views, 16 px patches."""
     cfg = load_config(
         "instant_test/pretrain_detco.yaml",
-        "INPUT.PRETRAIN.CROP_SIZE", 32,
-        "INPUT.PRETRAIN.JIGSAW.CELL_SIZE", 20,
-        "INPUT.PRETRAIN.JIGSAW.PATCH_SIZE", 16,
-        "MODEL.CONTRAST.QUEUE_SIZE", 16,
+        "INPUT.PRETRAIN.CROP_SIZE",
+        32,
+        "INPUT.PRETRAIN.JIGSAW.CELL_SIZE",
+        20,
+        "INPUT.PRETRAIN.JIGSAW.PATCH_SIZE",
+        16,
+        "MODEL.CONTRAST.QUEUE_SIZE",
+        16,
         *opts,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     return build_model(cfg).train()
 
@@ -80,9 +85,12 @@ def step():
         losses = model(tiny_batch())
         sum(losses.values()).backward()
     return {
-        "model": model, "spy": spy, "before": before, "losses": losses,
+        "model": model,
+        "spy": spy,
+        "before": before,
+        "losses": losses,
         "logged": {k for k in storage.latest() if k.startswith("[metric]acc/")},
-    }  # fmt: skip
+    }
 
 
 def test_twelve_finite_terms_backward_and_accuracies(step):
@@ -193,9 +201,17 @@ def test_shuffle_bn_keeps_each_patch_set_with_its_image():
 def test_instant_config_trains_in_two_processes(tmp_path):
     out = str(tmp_path)
     proc = run_train_net(
-        "--config-file", "instant_test/pretrain_detco.yaml", "--num-gpus", 2,
-        "SOLVER.MAX_ITER", 2, "SOLVER.LOG_PERIOD", 1, "OUTPUT_DIR", out,
-    )  # fmt: skip
+        "--config-file",
+        "instant_test/pretrain_detco.yaml",
+        "--num-gpus",
+        2,
+        "SOLVER.MAX_ITER",
+        2,
+        "SOLVER.LOG_PERIOD",
+        1,
+        "OUTPUT_DIR",
+        out,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     with open(os.path.join(out, "metrics.json")) as f:
         records = [json.loads(line) for line in f if line.strip()]

@@ -1,6 +1,7 @@
 """INPUT.PRETRAIN.DECODE_ON: JPEGs decoded and cropped on the training device (here the CPU,
 through the same code as CUDA) give the loader's views; what the device must not decode falls
 back to the loader; what nobody can decode is skipped and counted."""
+
 import os
 
 import numpy as np
@@ -199,9 +200,17 @@ def test_loader_worker_ships_files_and_counts_skips(tmp_path):
     with open(os.path.join(root, "truncated.jpg"), "wb") as f:
         f.write(open(dicts[0]["file_name"], "rb").read()[:300])
     cfg = load_config(
-        MOCO, *DEVICE, "INPUT.PRETRAIN.DECODE_ON", "device", "DATASETS.TRAIN", (f"folder:{root}",),
-        "DATALOADER.NUM_WORKERS", 1, "SOLVER.IMS_PER_BATCH", 7,
-    )  # fmt: skip
+        MOCO,
+        *DEVICE,
+        "INPUT.PRETRAIN.DECODE_ON",
+        "device",
+        "DATASETS.TRAIN",
+        (f"folder:{root}",),
+        "DATALOADER.NUM_WORKERS",
+        1,
+        "SOLVER.IMS_PER_BATCH",
+        7,
+    )
     loader = build_pretrain_train_loader(cfg)
     assert loader.decode_device == "cpu"
     it = iter(loader)
@@ -220,9 +229,18 @@ def test_train_net_moco_v2_with_device_decoding(tmp_path):
     process (the CPU here), and logs where it decodes."""
     out = tmp_path / "out"
     proc = run_train_net(
-        "--config-file", MOCO, *DEVICE, "INPUT.PRETRAIN.DECODE_ON", "device",
-        "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 100, "OUTPUT_DIR", out,
-    )  # fmt: skip
+        "--config-file",
+        MOCO,
+        *DEVICE,
+        "INPUT.PRETRAIN.DECODE_ON",
+        "device",
+        "SOLVER.MAX_ITER",
+        4,
+        "SOLVER.CHECKPOINT_PERIOD",
+        100,
+        "OUTPUT_DIR",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     log = (out / "log.txt").read_text()
     assert "JPEGs decoded on cpu" in log

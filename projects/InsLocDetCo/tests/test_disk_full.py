@@ -1,4 +1,5 @@
 """A full disk says so: what failed, which checkpoint is intact, how much space is needed."""
+
 import errno
 import os
 import subprocess
@@ -72,10 +73,25 @@ def test_train_net_ends_on_one_line_that_says_what_happened(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, "--config-file", "instant_test/pretrain_moco_v2.yaml",
-         "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", str(out)],
-        cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            _DRIVER,
+            "--config-file",
+            "instant_test/pretrain_moco_v2.yaml",
+            "SOLVER.MAX_ITER",
+            "6",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "2",
+            "OUTPUT_DIR",
+            str(out),
+        ],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("insloc_detco.checkpoint.integrity.DiskFullError: [Errno 28]"), last

@@ -44,8 +44,16 @@ RECIPES = sorted(
     if not os.path.basename(p).startswith(("Base-", "Instant-"))
 )
 # Overrides that make one demo trial take seconds: 4 iterations, 1 PreciseBN batch.
-TINY = ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "1",
-        "TEST.PRECISE_BN.NUM_ITER", "1"]  # fmt: skip
+TINY = [
+    "SOLVER.MAX_ITER",
+    "4",
+    "SOLVER.STEPS",
+    "(3,)",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "TEST.PRECISE_BN.NUM_ITER",
+    "1",
+]
 
 
 def _eval_transfer():
@@ -117,10 +125,16 @@ def test_recipe_schedules():
     semi = load_transfer_config("coco_retinanet_R_50_FPN_12k_1pct.yaml", ["SOLVER.MAX_ITER", "7"])
     assert semi.DATASETS.TRAIN == ("coco_2017_train_1pct",) and semi.SOLVER.MAX_ITER == 7
     # DetCo's released recipes (github.com/xieenze/DetCo benchmarks/detection/configs).
-    schedules = {"12k": (12000, (9000, 11000)), "1x": (90000, (60000, 80000)),
-                 "2x": (180000, (120000, 160000))}  # fmt: skip
-    detectors = {"mask_rcnn_R_50_FPN": "fpn", "mask_rcnn_R_50_C4": "c4",
-                 "retinanet_R_50_FPN": "retinanet"}  # fmt: skip
+    schedules = {
+        "12k": (12000, (9000, 11000)),
+        "1x": (90000, (60000, 80000)),
+        "2x": (180000, (120000, 160000)),
+    }
+    detectors = {
+        "mask_rcnn_R_50_FPN": "fpn",
+        "mask_rcnn_R_50_C4": "c4",
+        "retinanet_R_50_FPN": "retinanet",
+    }
     for recipe, detector in detectors.items():
         for s, (max_iter, steps) in schedules.items():
             config = f"detco/coco_{recipe}_{s}.yaml"
@@ -185,16 +199,25 @@ def test_what_evaluators_need_is_checked_before_training(tmp_path, monkeypatch):
     assert evaluation_problems(cs) == []
     assert "run it on one machine" in " ".join(evaluation_problems(cs, num_machines=2))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda n, *a: None if n == "cityscapesscripts" else real_find_spec(n, *a))
-    assert "cityscapesscripts, which are not installed: pip install cityscapesscripts" in (
-        evaluation_problems(cs)[0])  # fmt: skip
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda n, *a: None if n == "cityscapesscripts" else real_find_spec(n, *a),
+    )
+    assert (
+        "cityscapesscripts, which are not installed: pip install cityscapesscripts"
+        in (evaluation_problems(cs)[0])
+    )
     monkeypatch.undo()
     # Through `run`: refused before anything is read or launched.
     out = str(tmp_path / "out")
     with pytest.raises(TransferError, match="TEST.KEYPOINT_OKS_SIGMAS has 2 values"):
-        run_benchmarks(RANDOM_INIT, [BENCHMARKS["demo_detco_keypoint_fpn"]], out,
-                       opts=["TEST.KEYPOINT_OKS_SIGMAS", "[0.1, 0.1]"])  # fmt: skip
+        run_benchmarks(
+            RANDOM_INIT,
+            [BENCHMARKS["demo_detco_keypoint_fpn"]],
+            out,
+            opts=["TEST.KEYPOINT_OKS_SIGMAS", "[0.1, 0.1]"],
+        )
     assert not os.path.isdir(os.path.join(out, "demo_detco_keypoint_fpn"))
 
 
@@ -212,8 +235,16 @@ def test_detco_tasks_run_and_report_their_metrics(name, columns, tmp_path):
     semi-supervised Mask R-CNN fine-tune from random init on generated data and report their
     evaluator's numbers."""
     out = str(tmp_path / "transfer")
-    opts = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1",
-            "TEST.PRECISE_BN.NUM_ITER", "1"]  # fmt: skip
+    opts = [
+        "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.STEPS",
+        "(1,)",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "TEST.PRECISE_BN.NUM_ITER",
+        "1",
+    ]
     result = run_benchmarks(RANDOM_INIT, [BENCHMARKS[name]], out, trials=1, opts=opts)[name]
     assert set(result["summary"]) == columns
     assert all(0 <= s["mean"] <= 100 for s in result["summary"].values())
@@ -290,9 +321,13 @@ def moco_checkpoint(tmp_path_factory):
     """A real MoCo v2 instant pretraining run (train_net.py, ~15 s)."""
     out = str(tmp_path_factory.mktemp("pretrain_moco"))
     proc = run_train_net(
-        "--config-file", "instant_test/pretrain_moco_v2.yaml",
-        "OUTPUT_DIR", out, "SOLVER.CHECKPOINT_PERIOD", "100",
-    )  # fmt: skip
+        "--config-file",
+        "instant_test/pretrain_moco_v2.yaml",
+        "OUTPUT_DIR",
+        out,
+        "SOLVER.CHECKPOINT_PERIOD",
+        "100",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return os.path.join(out, "model_final.pth")
 
@@ -301,8 +336,19 @@ def moco_checkpoint(tmp_path_factory):
 def test_run_end_to_end_and_rerun_skips(moco_checkpoint, tmp_path):
     out = str(tmp_path / "transfer")
     env = dict(os.environ, OMP_NUM_THREADS="1", DETECTRON2_DATASETS=str(tmp_path / "data"))
-    cmd = [sys.executable, os.path.join(PROJECT_DIR, "eval_transfer.py"), "run", moco_checkpoint,
-           "--benchmark", "demo_voc_c4", "--trials", "2", "--output-dir", out, *TINY]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(PROJECT_DIR, "eval_transfer.py"),
+        "run",
+        moco_checkpoint,
+        "--benchmark",
+        "demo_voc_c4",
+        "--trials",
+        "2",
+        "--output-dir",
+        out,
+        *TINY,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     wall = time.perf_counter() - start
@@ -345,8 +391,15 @@ def test_cli_list_and_convert(moco_checkpoint, tmp_path, capsys):
     cli = _eval_transfer()
     assert cli.main(["--list"]) == 0
     listing = capsys.readouterr().out
-    for name in ("voc_c4_24k", "coco_fpn_1x", "mini_coco_c4_12ep", "semi_coco_1pct_retinanet_12k",
-                 "detco_coco_fpn_12k", "detco_coco_c4_1x", "detco_coco_retinanet_12k"):  # fmt: skip
+    for name in (
+        "voc_c4_24k",
+        "coco_fpn_1x",
+        "mini_coco_c4_12ep",
+        "semi_coco_1pct_retinanet_12k",
+        "detco_coco_fpn_12k",
+        "detco_coco_c4_1x",
+        "detco_coco_retinanet_12k",
+    ):
         assert name in listing
     assert "protocol" in listing and "DetCo (Xie et al. 2021, released configs)" in listing
     pkl = str(tmp_path / "moco.pkl")
@@ -399,8 +452,10 @@ def test_clear_errors(moco_checkpoint, tmp_path, capsys):
     other = str(tmp_path / "other.pth")
     torch.save({"state_dict": {"trunk.block1.weight": torch.ones(3)}}, other)
     assert cli.main(["run", other, "--benchmark", "demo_voc_c4", "--output-dir", out]) == 2
-    assert "Unrecognised weights: 1 tensors named like trunk.block1.weight: 3 (in " \
-           "'state_dict')" in capsys.readouterr().err  # fmt: skip
+    assert (
+        "Unrecognised weights: 1 tensors named like trunk.block1.weight: 3 (in "
+        "'state_dict')" in capsys.readouterr().err
+    )
     # A ResNet the benchmark's detector would not use (ResNet-18 for an R-50 recipe).
     r18 = str(tmp_path / "resnet18.pth")
     torch.save(torchvision.models.resnet18().state_dict(), r18)
@@ -446,16 +501,22 @@ def test_run_takes_an_official_moco_checkpoint(tmp_path):
     torch.save({"epoch": 200, "arch": "resnet50", "state_dict": state}, ckpt)
     out = str(tmp_path / "transfer")
     opts = TINY[:1] + ["2"] + TINY[2:3] + ["(1,)"] + TINY[4:]
-    assert _eval_transfer().main(["run", ckpt, "--benchmark", "demo_voc_c4", "--trials", "1",
-                                  "--output-dir", out, *opts]) == 0  # fmt: skip
+    assert (
+        _eval_transfer().main(
+            ["run", ckpt, "--benchmark", "demo_voc_c4", "--trials", "1", "--output-dir", out, *opts]
+        )
+        == 0
+    )
     with open(os.path.join(out, "results.json")) as f:
         result = json.load(f)["demo_voc_c4"]
     assert result["weights"].endswith("_moco_v1_200ep_pretrain_c4.pkl")
     with open(result["weights"], "rb") as f:
         data = pickle.load(f)
     assert data["source_format"].startswith("MoCo v1 checkpoint")
-    assert torch.equal(torch.as_tensor(data["model"]["roi_heads.res5.2.conv3.weight"]),
-                       resnet["layer4.2.conv3.weight"])  # fmt: skip
+    assert torch.equal(
+        torch.as_tensor(data["model"]["roi_heads.res5.2.conv3.weight"]),
+        resnet["layer4.2.conv3.weight"],
+    )
 
 
 @pytest.mark.slow
@@ -484,12 +545,20 @@ def test_unreadable_annotations_are_a_clear_error(moco_checkpoint, tmp_path, cap
         f.write("<annotation><object>")  # truncated
     demo_det.register_demo_det(root, prefix="corrupt_demo_det")
     try:
-        code = _eval_transfer().main([
-            "run", moco_checkpoint, "--benchmark", "demo_voc_c4",
-            "--output-dir", str(tmp_path / "o"),
-            "DATASETS.TRAIN", "('corrupt_demo_det_voc_train',)",
-            "DATASETS.TEST", "('corrupt_demo_det_voc_val',)",
-        ])  # fmt: skip
+        code = _eval_transfer().main(
+            [
+                "run",
+                moco_checkpoint,
+                "--benchmark",
+                "demo_voc_c4",
+                "--output-dir",
+                str(tmp_path / "o"),
+                "DATASETS.TRAIN",
+                "('corrupt_demo_det_voc_train',)",
+                "DATASETS.TEST",
+                "('corrupt_demo_det_voc_val',)",
+            ]
+        )
         assert code == 2
         err = capsys.readouterr().err
         assert "Cannot read the annotations of dataset 'corrupt_demo_det_voc_train'" in err

@@ -6,6 +6,7 @@ data-dependent shape causes, is an error) and runs them with eager kernels, so i
 tracing in seconds where inductor spends minutes of C++ compilation per encoder on two cores
 (docs/SPEED.md). One inductor test (``slow``) checks the generated kernels on a ResNet-18.
 """
+
 from types import SimpleNamespace
 
 import pytest
@@ -35,12 +36,16 @@ def method_config(method, fast, *opts):
     """The instant_test recipe with the photometric augmentation in the step (as on CUDA)."""
     return load_config(
         f"instant_test/pretrain_{method}.yaml",
-        "INPUT.PRETRAIN.AUGMENT_ON", "device",
-        "MODEL.FAST_PATH.ENABLED", "on" if fast else "off",
-        "MODEL.FAST_PATH.BACKEND", "aot_eager",
-        "SOLVER.LOG_PERIOD", 2,
+        "INPUT.PRETRAIN.AUGMENT_ON",
+        "device",
+        "MODEL.FAST_PATH.ENABLED",
+        "on" if fast else "off",
+        "MODEL.FAST_PATH.BACKEND",
+        "aot_eager",
+        "SOLVER.LOG_PERIOD",
+        2,
         *opts,
-    )  # fmt: skip
+    )
 
 
 def mapped_batches(cfg, steps=STEPS, seed=0):
@@ -153,8 +158,10 @@ class HostSyncDetector(TorchDispatchMode):
         name = func.overloadpacket.__name__
         bool_index = name.startswith("index") and any(
             isinstance(t, torch.Tensor) and t.dtype == torch.bool
-            for a in args if isinstance(a, (list, tuple)) for t in a
-        )  # fmt: skip
+            for a in args
+            if isinstance(a, (list, tuple))
+            for t in a
+        )
         if name in SYNC_OPS or bool_index:
             self.seen.append(name)
         return func(*args, **kwargs)
@@ -215,8 +222,10 @@ def test_fast_path_switch():
     cuda = load_config("pretrain_moco_v2.yaml", "MODEL.DEVICE", "cuda")
     assert fast_path_enabled(cuda)
     assert compile_options(cuda) == {
-        "backend": "inductor", "mode": "reduce-overhead", "fullgraph": True
-    }  # fmt: skip
+        "backend": "inductor",
+        "mode": "reduce-overhead",
+        "fullgraph": True,
+    }
     assert fast_path_enabled(load_config("pretrain_moco_v2.yaml", "MODEL.FAST_PATH.ENABLED", "on"))
     assert compile_options(cpu)["mode"] == "default"
     with pytest.raises(ValueError, match="FAST_PATH.ENABLED"):

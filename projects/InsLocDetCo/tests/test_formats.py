@@ -8,7 +8,6 @@ neck and 4conv1fc head against detectron2's FPN and box head, through an indepen
 implementation of the mmcv modules.
 """
 
-
 import fake_checkpoints
 import numpy as np
 import pytest
@@ -78,9 +77,10 @@ def test_backbone_only_formats_write_the_source_resnet(fakes, resnet_sd, name):
     assert BACKBONE_ONLY[name] in conversion.source_format
     assert conversion.target == "any"  # layout-neutral: loads into every detector
     expected = {
-        detectron2_name(k): v for k, v in resnet_sd.items()
+        detectron2_name(k): v
+        for k, v in resnet_sd.items()
         if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
-    }  # fmt: skip
+    }
     assert set(conversion.model) == set(expected)
     for k, v in expected.items():
         assert torch.equal(torch.as_tensor(conversion.model[k]), v), k
@@ -130,8 +130,10 @@ def test_instance_loc_fpn_names(fakes, resnet_sd, insloc_heads):
         for p in BN_PARAMS:
             assert torch.equal(model[dst + "norm." + p], insloc_heads[src + "bn." + p]), dst
     for p in ("weight", "bias"):
-        assert torch.equal(model[f"roi_heads.box_head.fc1.{p}"],
-                           insloc_heads[f"roi_head.bbox_head.shared_fcs.0.{p}"])  # fmt: skip
+        assert torch.equal(
+            model[f"roi_heads.box_head.fc1.{p}"],
+            insloc_heads[f"roi_head.bbox_head.shared_fcs.0.{p}"],
+        )
     assert not any("fc2" in k or "_k." in k for k in model)
     left = {prefix: reason for prefix, _, reason in conversion.left_out}
     assert left["backbone_k."] == left["neck_k."] == left["roi_head_k."] == "key (momentum) encoder"
@@ -170,8 +172,9 @@ def _torchvision_stages(net, x):
 
 
 def _close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(),
-                               msg=lambda m: f"{what}: {m}")  # fmt: skip
+    torch.testing.assert_close(
+        a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=lambda m: f"{what}: {m}"
+    )
 
 
 @pytest.mark.slow
@@ -189,8 +192,16 @@ def test_resnet_features_equal_torchvision(fakes, torchvision_resnet):
 
 
 def _bn(x, sd, prefix):
-    return F.batch_norm(x, sd[prefix + "running_mean"], sd[prefix + "running_var"],
-                        sd[prefix + "weight"], sd[prefix + "bias"], False, 0.0, 1e-5)  # fmt: skip
+    return F.batch_norm(
+        x,
+        sd[prefix + "running_mean"],
+        sd[prefix + "running_var"],
+        sd[prefix + "weight"],
+        sd[prefix + "bias"],
+        False,
+        0.0,
+        1e-5,
+    )
 
 
 def _mmcv_fpn(features, sd):
@@ -213,10 +224,16 @@ def _mmcv_box_head(x, sd):
     """InstanceLoc's ConvFCBBoxInsClsHead up to the first fc: 4 x (conv, BN, ReLU), fc, ReLU."""
     head = "roi_head.bbox_head."
     for i in range(4):
-        x = F.relu(_bn(F.conv2d(x, sd[f"{head}shared_convs.{i}.conv.weight"], padding=1), sd,
-                       f"{head}shared_convs.{i}.bn."))  # fmt: skip
-    return F.relu(F.linear(x.flatten(1), sd[head + "shared_fcs.0.weight"],
-                           sd[head + "shared_fcs.0.bias"]))  # fmt: skip
+        x = F.relu(
+            _bn(
+                F.conv2d(x, sd[f"{head}shared_convs.{i}.conv.weight"], padding=1),
+                sd,
+                f"{head}shared_convs.{i}.bn.",
+            )
+        )
+    return F.relu(
+        F.linear(x.flatten(1), sd[head + "shared_fcs.0.weight"], sd[head + "shared_fcs.0.bias"])
+    )
 
 
 def _detector(config):
@@ -315,18 +332,29 @@ def test_resnet_that_does_not_fit_is_an_error(tmp_path):
 def test_unrecognised_and_ambiguous_inputs(tmp_path, resnet_sd):
     backbone = no_fc(resnet_sd)
     cases = [
-        ({"trunk.conv.weight": torch.ones(1), "head.fc.weight": torch.ones(1)},
-         r"Unrecognised weights: 2 tensors named like trunk.conv.weight: 1, head.fc.weight"),
+        (
+            {"trunk.conv.weight": torch.ones(1), "head.fc.weight": torch.ones(1)},
+            r"Unrecognised weights: 2 tensors named like trunk.conv.weight: 1, head.fc.weight",
+        ),
         ({"encoder_q.trunk.conv1.weight": torch.ones(1)}, "Unrecognised query-encoder layout"),
-        ({**{f"backbone.{k}": v for k, v in backbone.items()}, "neck.fpn.weight": torch.ones(1)},
-         "not an InstanceLoc pretraining checkpoint"),
-        ({**{f"backbone.{k}": v for k, v in backbone.items()},
-          **{detectron2_name(k): v + 1 for k, v in backbone.items()}}, "Two different ResNets"),
+        (
+            {**{f"backbone.{k}": v for k, v in backbone.items()}, "neck.fpn.weight": torch.ones(1)},
+            "not an InstanceLoc pretraining checkpoint",
+        ),
+        (
+            {
+                **{f"backbone.{k}": v for k, v in backbone.items()},
+                **{detectron2_name(k): v + 1 for k, v in backbone.items()},
+            },
+            "Two different ResNets",
+        ),
         ({"res2_0_branch2a_w": np.zeros(1), "conv1_w": np.zeros(1)}, "Caffe2"),
         ({**backbone, "layer1.0.se.fc1.weight": torch.ones(1)}, "layer1.0.se.fc1.weight"),
-        ({k: v for k, v in backbone.items() if not k.startswith("layer3.")},
-         r"lacks ResNet stage\(s\) \['res4'\]"),
-    ]  # fmt: skip
+        (
+            {k: v for k, v in backbone.items() if not k.startswith("layer3.")},
+            r"lacks ResNet stage\(s\) \['res4'\]",
+        ),
+    ]
     for state_dict, message in cases:
         with pytest.raises(ConversionError, match=message):
             convert_state_dict(state_dict, "fpn")

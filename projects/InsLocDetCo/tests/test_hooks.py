@@ -1,4 +1,5 @@
 """Training hooks: skipped-image counts without collectives after a failure, metrics, curves."""
+
 import json
 import math
 
@@ -70,17 +71,23 @@ def test_metrics_after_a_resume_keep_one_record_per_iteration(tmp_path):
 
 def test_resume_from_an_earlier_checkpoint_drops_the_abandoned_tail(tmp_path):
     path = str(tmp_path / "metrics.json")
-    _write(path, [{"iteration": i, "total_loss": 1.0} for i in (4, 9, 14, 19)]
-           + [{"iteration": 9, "total_loss": 2.0}])  # fmt: skip
-    assert [(r["iteration"], r["total_loss"]) for r in read_metrics(path)] == [
-        (4, 1.0), (9, 2.0)
-    ]
+    _write(
+        path,
+        [{"iteration": i, "total_loss": 1.0} for i in (4, 9, 14, 19)]
+        + [{"iteration": 9, "total_loss": 2.0}],
+    )
+    assert [(r["iteration"], r["total_loss"]) for r in read_metrics(path)] == [(4, 1.0), (9, 2.0)]
 
 
 def test_curves_are_one_line_per_series_with_chance_levels(tmp_path, monkeypatch):
     path = str(tmp_path / "metrics.json")
-    rec = lambda i, v: {"iteration": i, "total_loss": 2 * v, "loss_insloc_p2": v,  # noqa: E731
-                        "loss_insloc_p3": v, "[metric]acc/insloc_p2": 10.0}  # fmt: skip
+    rec = lambda i, v: {
+        "iteration": i,
+        "total_loss": 2 * v,
+        "loss_insloc_p2": v,  # noqa: E731
+        "loss_insloc_p3": v,
+        "[metric]acc/insloc_p2": 10.0,
+    }
     _write(path, [rec(i, 1.0) for i in (1, 3, 5)] + [rec(i, 2.0) for i in (3, 5, 7)])
     lines, hlines = {}, []
     plot = matplotlib.axes.Axes.plot
@@ -100,6 +107,8 @@ def test_curves_are_one_line_per_series_with_chance_levels(tmp_path, monkeypatch
     assert (tmp_path / "curves.png").stat().st_size > 0
     for name in ("total_loss", "loss_insloc_p2", "insloc_p2"):
         assert lines[name] == [1, 3, 5, 7], name  # no loop back after the resume
-    assert sorted(round(y, 4) for y, _ in hlines) == [round(math.log(65), 4),
-                                                      round(math.log(257), 4)]  # fmt: skip
+    assert sorted(round(y, 4) for y, _ in hlines) == [
+        round(math.log(65), 4),
+        round(math.log(257), 4),
+    ]
     assert all("chance: ln(K+1)" in label for _, label in hlines)

@@ -1,4 +1,5 @@
 """InsLoc meta-architectures (R50-FPN, R50-C4) and the bounding-box augmentation."""
+
 import pytest
 import torch
 from conftest import load_config
@@ -13,14 +14,21 @@ S, N = 64, 4  # tiny canvases and batch
 BOX_HEAD_TRANSFERRED = ("conv1", "conv2", "conv3", "conv4", "fc1")
 CONFIGS = {"fpn": "pretrain_insloc_fpn.yaml", "c4": "pretrain_insloc_c4.yaml"}
 TINY = (
-    "MODEL.DEVICE", "cpu",
-    "MODEL.CONTRAST.QUEUE_SIZE", "16",
-    "MODEL.CONTRAST.MLP_HIDDEN_DIM", "64",
-    "MODEL.INSLOC.FC_DIM", "64",
-    "MODEL.INSLOC.BOX_AUG_ANCHOR_SIZES", "[8, 16, 32, 64]",
-    "INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE", str(S),
-    "INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE", "(32, 63)",
-)  # fmt: skip
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.CONTRAST.QUEUE_SIZE",
+    "16",
+    "MODEL.CONTRAST.MLP_HIDDEN_DIM",
+    "64",
+    "MODEL.INSLOC.FC_DIM",
+    "64",
+    "MODEL.INSLOC.BOX_AUG_ANCHOR_SIZES",
+    "[8, 16, 32, 64]",
+    "INPUT.PRETRAIN.COPY_PASTE.CANVAS_SIZE",
+    str(S),
+    "INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE",
+    "(32, 63)",
+)
 
 
 def tiny_model(kind, *opts):

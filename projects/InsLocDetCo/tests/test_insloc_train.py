@@ -1,5 +1,6 @@
 """InsLoc end to end through ``train_net.py``: FPN on 2 gloo processes, C4 on one process with
 in-batch backgrounds (collated in the loader worker)."""
+
 import json
 import math
 import os
@@ -13,10 +14,18 @@ ITERS, BATCH, QUEUE = 4, 8, 64  # instant-test batch and queue
 
 def train(out, config, *extra):
     proc = run_train_net(
-        "--config-file", config, *extra,
-        "SOLVER.MAX_ITER", ITERS, "SOLVER.CHECKPOINT_PERIOD", 100, "SOLVER.LOG_PERIOD", 1,
-        "OUTPUT_DIR", out,
-    )  # fmt: skip
+        "--config-file",
+        config,
+        *extra,
+        "SOLVER.MAX_ITER",
+        ITERS,
+        "SOLVER.CHECKPOINT_PERIOD",
+        100,
+        "SOLVER.LOG_PERIOD",
+        1,
+        "OUTPUT_DIR",
+        out,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
@@ -49,8 +58,12 @@ def test_fpn_two_processes(tmp_path):
 @pytest.mark.slow
 def test_c4_one_process_batch_backgrounds(tmp_path):
     metrics, state = train(
-        str(tmp_path), "instant_test/pretrain_insloc_c4.yaml", "--num-gpus", 1,
-        "INPUT.PRETRAIN.COPY_PASTE.BACKGROUND", "batch",
-    )  # fmt: skip
+        str(tmp_path),
+        "instant_test/pretrain_insloc_c4.yaml",
+        "--num-gpus",
+        1,
+        "INPUT.PRETRAIN.COPY_PASTE.BACKGROUND",
+        "batch",
+    )
     check_levels(metrics, state, ["res4"])
     assert "encoder_q.res5.0.conv1.weight" in state

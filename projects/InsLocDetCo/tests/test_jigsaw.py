@@ -1,4 +1,5 @@
 """DetCo's jigsaw local views and the JigsawMapper (incl. the optional RandAugment)."""
+
 import pytest
 import torch
 from conftest import load_config
@@ -73,8 +74,9 @@ def test_crop_covers_at_least_60_percent_and_patches_come_from_it():
 
 
 def test_flip_mirrors_the_crop_before_it_is_cut():
-    flip_only = PhotometricAugmentation(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
-                                        flip_prob=1.0)  # fmt: skip
+    flip_only = PhotometricAugmentation(
+        color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, flip_prob=1.0
+    )
     jig = sampler(photometric=flip_only, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
     out = jig.sample(coordinate_image(255))
     for k, patch in enumerate(out["patches"].long()):

@@ -1,4 +1,5 @@
 """Logs that tell the whole story: our loggers, warnings, plain text, errors of every rank."""
+
 import logging
 import os
 import warnings
@@ -83,10 +84,12 @@ def test_only_the_known_third_party_warnings_are_ignored():
         ignore_known_third_party_warnings()
         warnings.warn_explicit(text, category, "_script.py", 1, module="torch.jit._script")
         warnings.warn_explicit(text, category, "ours.py", 1, module="insloc_detco.engine")
-        warnings.warn_explicit("something else", category, "_script.py", 2,
-                               module="torch.jit._script")  # fmt: skip
+        warnings.warn_explicit(
+            "something else", category, "_script.py", 2, module="torch.jit._script"
+        )
     assert [(str(w.message), w.filename) for w in caught] == [
-        (text, "ours.py"), ("something else", "_script.py")
+        (text, "ours.py"),
+        ("something else", "_script.py"),
     ]
 
 

@@ -1,4 +1,5 @@
 """Linear lr scaling of a command-line batch, and how it composes with REFERENCE_WORLD_SIZE."""
+
 import pytest
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer

@@ -55,8 +55,15 @@ def test_every_pretrained_method_has_a_scheduling_cost(mb):
 
 
 def test_both_studies_pretrain_with_the_same_command_and_their_own_budget(mb, mt):
-    shared = ["SOLVER.MAX_ITER", "SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.LOG_PERIOD",
-              "MODEL.CONTRAST.QUEUE_SIZE", "DATALOADER.NUM_WORKERS", "OUTPUT_DIR"]  # fmt: skip
+    shared = [
+        "SOLVER.MAX_ITER",
+        "SOLVER.IMS_PER_BATCH",
+        "SOLVER.BASE_LR",
+        "SOLVER.LOG_PERIOD",
+        "MODEL.CONTRAST.QUEUE_SIZE",
+        "DATALOADER.NUM_WORKERS",
+        "OUTPUT_DIR",
+    ]
     readouts = _opts(mb.pretrain_command("detco", 3, mb.parse_args([]), "/out", "/pool"))
     transfer_args = mt.parse_args(["--pretrain-iters", "400"])
     transfer = _opts(mt.pretrain_command("detco", transfer_args, "/out", "/list.txt"))
@@ -78,8 +85,10 @@ def test_unknown_method_is_refused_by_both(mb, mt):
 def test_table_rows_mean_std_and_seeds(mt):
     from insloc_detco.engine.runs import mean_std
 
-    results = {"random": {"summary": {"AP": mean_std([1.0, 2.0])}, "trials": [{}, {}]},
-               "moco_v2": {"summary": {"AP": mean_std([3.0])}, "trials": [{}]}}  # fmt: skip
+    results = {
+        "random": {"summary": {"AP": mean_std([1.0, 2.0])}, "trials": [{}, {}]},
+        "moco_v2": {"summary": {"AP": mean_std([3.0])}, "trials": [{}]},
+    }
     assert mt.table(results).splitlines() == [
         "| pretraining | AP | AP50 | AP75 | APmask | seeds |",
         "|---|---|---|---|---|---|",

@@ -3,6 +3,7 @@
 Tolerances: float ops agree with torchvision's float kernels to 1e-5 (hue: 1e-4, an HSV round
 trip); RandAugment, on uint8 like torchvision's, agrees exactly.
 """
+
 import math
 
 import pytest

@@ -1,6 +1,7 @@
 """Preemption (signal -> checkpoint of one iteration -> exit) and the lost-rank watchdog's
 judgement, in one process; the agreement of two gloo processes; the multi-process runs are in
 test_cluster_runs.py."""
+
 import os
 import signal
 
@@ -109,9 +110,12 @@ class _StepTrainer(_Trainer):
         super().__init__(max_iter)
         model = _LossModel(nan_from)
         self._trainer = DeviceMetricsTrainer(
-            model, [torch.tensor(1.0)] * max_iter, torch.optim.SGD(model.parameters(), lr=0.0),
-            flush_periods=(100,), max_iter=100,
-        )  # fmt: skip
+            model,
+            [torch.tensor(1.0)] * max_iter,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            flush_periods=(100,),
+            max_iter=100,
+        )
 
     def run_step(self):
         self._trainer.iter = self.iter
@@ -163,8 +167,9 @@ class _DispatchedOps(TorchDispatchMode):
         self.seen = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        tensors = [a for a in list(args) + list((kwargs or {}).values())
-                   if isinstance(a, torch.Tensor)]  # fmt: skip
+        tensors = [
+            a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)
+        ]
         self.seen.append((func.overloadpacket.__name__, {t.device.type for t in tensors}))
         return func(*args, **(kwargs or {}))
 
@@ -217,8 +222,10 @@ def test_two_ranks_stop_at_the_same_agreement_iteration():
 # ------------------------------------------------------------------------------------------
 def _watchdogs(world=3, timeout=20.0):
     store, now, lost = dist.HashStore(), [0.0], []
-    dogs = [Watchdog(store, r, world, timeout, on_lost=lost.append, clock=lambda: now[0])
-            for r in range(world)]  # fmt: skip
+    dogs = [
+        Watchdog(store, r, world, timeout, on_lost=lost.append, clock=lambda: now[0])
+        for r in range(world)
+    ]
     return dogs, now
 
 

@@ -1,5 +1,6 @@
 """Every command the README and the docs pages document works as written after the set-up the
 README describes."""
+
 import glob
 import os
 import re
@@ -65,6 +66,7 @@ def test_documented_script_config_and_benchmark_exist(cwd, argv):
             for name in argv[i + 1].split(","):
                 get_benchmark(name)  # raises KeyError naming the unknown benchmark
 
+
 SCRIPTS = sorted({os.path.join(cwd, argv[1]) for cwd, argv in COMMANDS})
 
 
@@ -73,8 +75,11 @@ SCRIPTS = sorted({os.path.join(cwd, argv[1]) for cwd, argv in COMMANDS})
 def test_documented_script_starts(script):
     """`python SCRIPT --help` with the environment's python: imports resolve, arguments parse."""
     proc = subprocess.run(
-        [sys.executable, script, "--help"], cwd=os.path.dirname(script), capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, script, "--help"],
+        cwd=os.path.dirname(script),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout.lower()

@@ -48,8 +48,9 @@ def test_knn_good_features_near_100_random_near_chance():
     good = knn_accuracy(_good(ytr, c), ytr, _good(yva, c, seed=0), yva, c, ks=(20, 200))
     assert good["top1@k20"] > 98 and good["top1@k200"] > 98
     g = torch.Generator().manual_seed(3)
-    rand = knn_accuracy(torch.randn(400, 64, generator=g), ytr, torch.randn(200, 64, generator=g),
-                        yva, c, ks=(20,))  # fmt: skip
+    rand = knn_accuracy(
+        torch.randn(400, 64, generator=g), ytr, torch.randn(200, 64, generator=g), yva, c, ks=(20,)
+    )
     assert abs(rand["top1@k20"] - 100 / c) < 10
     assert set(good) == {"top1@k20", "top5@k20", "top1@k200", "top5@k200"}
 
@@ -76,8 +77,11 @@ def _two_processes(bank, labels, queries, expected_scores, expected_gathered):
         torch.testing.assert_close(got[k], expected_scores[k])
     # Gathered features come back in record order, several rows per record kept together.
     index = torch.arange(rank, 7, world)
-    local = {"index": index, "res5": index[:, None].float() * torch.ones(1, 3),
-             "boxes": index.repeat_interleave(4)[:, None].float()}  # fmt: skip
+    local = {
+        "index": index,
+        "res5": index[:, None].float() * torch.ones(1, 3),
+        "boxes": index.repeat_interleave(4)[:, None].float(),
+    }
     out = gather_shards(local)
     for k, v in expected_gathered.items():
         torch.testing.assert_close(out[k], v)
@@ -90,8 +94,11 @@ def test_sharded_knn_and_gathered_features_match_one_process():
     labels = torch.randint(5, (50,), generator=g)
     expected = knn_scores(bank, labels, queries, 5, ks=(3, 7))
     index = torch.arange(7)
-    gathered = {"index": index, "res5": index[:, None].float() * torch.ones(1, 3),
-                "boxes": index.repeat_interleave(4)[:, None].float()}  # fmt: skip
+    gathered = {
+        "index": index,
+        "res5": index[:, None].float() * torch.ones(1, 3),
+        "boxes": index.repeat_interleave(4)[:, None].float(),
+    }
     run_distributed(_two_processes, 2, args=(bank, labels, queries, expected, gathered))
 
 
@@ -107,8 +114,9 @@ def test_linear_probe_good_near_100_random_near_chance(normalize):
     good = linear_probe(_good(ytr, c), ytr, _good(yva, c), yva, c, recipe)
     assert good["top1"] > 98
     g = torch.Generator().manual_seed(4)
-    rand = linear_probe(torch.randn(300, 64, generator=g), ytr, torch.randn(200, 64, generator=g),
-                        yva, c, recipe)  # fmt: skip
+    rand = linear_probe(
+        torch.randn(300, 64, generator=g), ytr, torch.randn(200, 64, generator=g), yva, c, recipe
+    )
     assert abs(rand["top1"] - 100 / c) < 12
 
 
@@ -148,8 +156,9 @@ def test_localization_probe_good_near_100_random_near_chance():
     good = localization_probe(_good(ytr, m), _good(yva, m), m, FAST)
     assert good["Loc"] > 98
     g = torch.Generator().manual_seed(5)
-    rand = localization_probe(torch.randn(540, 64, generator=g), torch.randn(270, 64, generator=g),
-                              m, FAST)  # fmt: skip
+    rand = localization_probe(
+        torch.randn(540, 64, generator=g), torch.randn(270, 64, generator=g), m, FAST
+    )
     assert abs(rand["Loc"] - 100 / m) < 10
 
 
@@ -236,10 +245,14 @@ def test_view_retrieval_invariant_features_100_random_near_chance():
 
     g = torch.Generator().manual_seed(0)
     identity = torch.randn(500, 64, generator=g)  # what a view-invariant feature would see
-    a = {"res4": identity + 0.05 * torch.randn(500, 64, generator=g),
-         "res5": torch.randn(500, 64, generator=g)}  # fmt: skip
-    b = {"res4": identity + 0.05 * torch.randn(500, 64, generator=g),
-         "res5": torch.randn(500, 64, generator=g)}  # fmt: skip
+    a = {
+        "res4": identity + 0.05 * torch.randn(500, 64, generator=g),
+        "res5": torch.randn(500, 64, generator=g),
+    }
+    b = {
+        "res4": identity + 0.05 * torch.randn(500, 64, generator=g),
+        "res5": torch.randn(500, 64, generator=g),
+    }
     out = view_retrieval_top1(a, b)
     assert out["top1_res4"] == 100.0
     assert out["top1_res5"] < 2.0  # chance 0.2 %
@@ -274,6 +287,8 @@ def test_view_transform_is_the_pretraining_augmentation_and_seeded(tmp_path):
         assert torch.equal(x, again[2 - i][0])
         assert not torch.equal(x, other[i][0])
     # Many views of one image vary as MoCo v2's do: some grayscale (R = G = B) ones, not all.
-    gray = [bool((v[0] == v[1]).all() and (v[1] == v[2]).all())
-            for v in (ReadoutImages(records[:1], view, seed=s)[0][0] for s in range(200))]
+    gray = [
+        bool((v[0] == v[1]).all() and (v[1] == v[2]).all())
+        for v in (ReadoutImages(records[:1], view, seed=s)[0][0] for s in range(200))
+    ]
     assert 0.1 < np.mean(gray) < 0.3  # p 0.2

@@ -71,10 +71,19 @@ def sets(tmp_path_factory):
 
 def _settings(protocol, train, val, tmp_path, **kw):
     return runner.ReadoutSettings(
-        protocol=protocol, train=train, val=val, resize=SIZE, crop=SIZE, batch_size=8,
-        num_workers=0, recipe=RECIPE, ks=(5, 10), cached=True,
-        feature_dir=str(tmp_path / "features"), **kw,
-    )  # fmt: skip
+        protocol=protocol,
+        train=train,
+        val=val,
+        resize=SIZE,
+        crop=SIZE,
+        batch_size=8,
+        num_workers=0,
+        recipe=RECIPE,
+        ks=(5, 10),
+        cached=True,
+        feature_dir=str(tmp_path / "features"),
+        **kw,
+    )
 
 
 def _readout(protocol, train, val, tmp_path, **kw):
@@ -99,8 +108,13 @@ def _batches(n, rows=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     for start in range(0, n, 4):
         index = torch.arange(start, min(n, start + 4))
-        yield index, {"a": torch.randn(len(index), 5, generator=g),
-                      "boxes": torch.randn(len(index) * rows, 2, generator=g)}  # fmt: skip
+        yield (
+            index,
+            {
+                "a": torch.randn(len(index), 5, generator=g),
+                "boxes": torch.randn(len(index) * rows, 2, generator=g),
+            },
+        )
 
 
 def test_feature_store_writes_reads_and_removes_shards(tmp_path, monkeypatch):
@@ -146,11 +160,15 @@ def test_shards_on_disk_give_the_in_memory_results(sets, tmp_path, stub_network)
     mem = [extract_features(enc, r, tf, boxes=boxes, batch_size=8, num_workers=0) for r in records]
     expected = {
         "knn": knn_accuracy(mem[0]["res5"], labels[0], mem[1]["res5"], labels[1], CLASSES, (5, 10)),
-        "linear": linear_probe(mem[0]["res5"], labels[0], mem[1]["res5"], labels[1], CLASSES,
-                               RECIPE),  # fmt: skip
-        "loc": {**localization_probe(mem[0]["boxes"], mem[1]["boxes"], 9, RECIPE),
-                "Cls": linear_probe(mem[0]["res5"], labels[0], mem[1]["res5"], labels[1],
-                                    CLASSES, RECIPE)["top1"]},  # fmt: skip
+        "linear": linear_probe(
+            mem[0]["res5"], labels[0], mem[1]["res5"], labels[1], CLASSES, RECIPE
+        ),
+        "loc": {
+            **localization_probe(mem[0]["boxes"], mem[1]["boxes"], 9, RECIPE),
+            "Cls": linear_probe(
+                mem[0]["res5"], labels[0], mem[1]["res5"], labels[1], CLASSES, RECIPE
+            )["top1"],
+        },
     }
     assert expected["knn"]["top1@k5"] > 60 and expected["loc"]["Loc"] > 60  # not at chance
     for protocol, want in expected.items():
@@ -164,8 +182,15 @@ def _cell_records(n, seed):
     for i in range(n):
         cell = (i * 5 + seed) % 9
         x0, y0 = (cell % 3) * 8 + 1, (cell // 3) * 8 + 1
-        out.append({"label": i % CLASSES, "bbox": [x0, y0, x0 + 6, y0 + 6], "width": SIZE,
-                    "height": SIZE, "cell": cell})  # fmt: skip
+        out.append(
+            {
+                "label": i % CLASSES,
+                "bbox": [x0, y0, x0 + 6, y0 + 6],
+                "width": SIZE,
+                "height": SIZE,
+                "cell": cell,
+            }
+        )
     return out
 
 
@@ -179,27 +204,37 @@ def _known_features(records, order, g):
     is_object = torch.zeros(len(order), 9)
     is_object[torch.arange(len(order)), torch.tensor([records[i]["cell"] for i in order])] = 1
     boxes = torch.cat([cells, is_object.view(-1, 1)], 1) @ proj[:10]
-    return {"index": order, "res5": res5 + 0.05 * torch.randn(res5.shape, generator=g),
-            "boxes": boxes + 0.05 * torch.randn(boxes.shape, generator=g)}  # fmt: skip
+    return {
+        "index": order,
+        "res5": res5 + 0.05 * torch.randn(res5.shape, generator=g),
+        "boxes": boxes + 0.05 * torch.randn(boxes.shape, generator=g),
+    }
 
 
 def test_metric_functions_read_shards_on_disk_as_tensors_in_memory(tmp_path):
     """The protocols' metric functions (the mini benchmark calls them on tensors) give the same
     numbers on memory-mapped shards as on tensors, rows in any record order."""
     g = torch.Generator().manual_seed(0)
-    d = ReadoutData(_cell_records(40, 0), _cell_records(20, 1), [str(c) for c in range(CLASSES)],
-                    SIZE, SIZE)  # fmt: skip
+    d = ReadoutData(
+        _cell_records(40, 0), _cell_records(20, 1), [str(c) for c in range(CLASSES)], SIZE, SIZE
+    )
     memory = [_known_features(r, torch.randperm(len(r), generator=g), g) for r in (d.train, d.val)]
-    recipe = LinearRecipe(epochs=20, lr=0.5, batch_size=8, milestones=(15,),
-                          normalize="standardize")  # fmt: skip
+    recipe = LinearRecipe(
+        epochs=20, lr=0.5, batch_size=8, milestones=(15,), normalize="standardize"
+    )
     with FeatureStore(str(tmp_path / "f")) as store:
-        disk = [store.write(split, iter([(f["index"], {k: f[k] for k in ("res5", "boxes")})]),
-                            len(f["index"]))  # fmt: skip
-                for split, f in zip(("train", "val"), memory)]
+        disk = [
+            store.write(
+                split, iter([(f["index"], {k: f[k] for k in ("res5", "boxes")})]), len(f["index"])
+            )
+            for split, f in zip(("train", "val"), memory)
+        ]
         for features in (memory, disk):
-            got = {**knn_metrics(*features, d, (3,), 0.07, "cpu"),
-                   **linear_metrics(*features, d, recipe),
-                   **cell_metrics(*features, d, 3, recipe)}  # fmt: skip
+            got = {
+                **knn_metrics(*features, d, (3,), 0.07, "cpu"),
+                **linear_metrics(*features, d, recipe),
+                **cell_metrics(*features, d, 3, recipe),
+            }
             if features is memory:
                 expected = got
     assert got == expected
@@ -213,12 +248,26 @@ def _sharded(bank, bank_y, queries, query_y, expected_knn, good_x, good_y):
     from detectron2.utils import comm
 
     rank, world = comm.get_rank(), comm.get_world_size()
-    got = sharded_knn_accuracy(bank[rank::world], bank_y[rank::world], queries[rank::world],
-                               query_y[rank::world], 8, ks=(3, 7), chunk=2)  # fmt: skip
+    got = sharded_knn_accuracy(
+        bank[rank::world],
+        bank_y[rank::world],
+        queries[rank::world],
+        query_y[rank::world],
+        8,
+        ks=(3, 7),
+        chunk=2,
+    )
     assert got == pytest.approx(expected_knn)
     # The classifier: every process its own samples, one model (DDP), one accuracy for all.
-    acc = linear_probe(good_x[rank::world], good_y[rank::world], good_x[rank::world],
-                       good_y[rank::world], 8, RECIPE, distributed=True)  # fmt: skip
+    acc = linear_probe(
+        good_x[rank::world],
+        good_y[rank::world],
+        good_x[rank::world],
+        good_y[rank::world],
+        8,
+        RECIPE,
+        distributed=True,
+    )
     assert acc["top1"] > 90
     assert comm.all_gather(acc) == [acc] * world
 

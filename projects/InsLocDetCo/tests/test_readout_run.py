@@ -67,8 +67,9 @@ def _checkpoint(out: str, config: str, images):
 def _images(n: int = 16):
     from insloc_detco.data.reading import read_rgb_image
 
-    return torch.stack([read_rgb_image(r["file_name"])
-                        for r in DatasetCatalog.get("t_demo_cls_train")[:n]])  # fmt: skip
+    return torch.stack(
+        [read_rgb_image(r["file_name"]) for r in DatasetCatalog.get("t_demo_cls_train")[:n]]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +95,10 @@ def test_demo_cls_is_deterministic_balanced_and_labelled(tiny_cls, tmp_path):
     assert counts.tolist() == [SPLITS["train"] // 8] * 8
     for r in train + val:
         # Folder per class (ImageNet layout), the object box inside the image.
-        assert os.path.basename(os.path.dirname(r["file_name"])) == demo_cls.DEMO_CLS_CLASSES[
-            r["label"]
-        ]
+        assert (
+            os.path.basename(os.path.dirname(r["file_name"]))
+            == demo_cls.DEMO_CLS_CLASSES[r["label"]]
+        )
         assert Image.open(r["file_name"]).size == (SIZE, SIZE)
         x0, y0, x1, y1 = r["bbox"]
         assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
@@ -139,8 +141,9 @@ def test_readout_network_loads_our_checkpoints_and_pkls(moco, insloc_fpn, tmp_pa
     assert report.random_init == [] and report.meta_architecture == "MoCoV2"
     torch.testing.assert_close(enc.backbone.res2[0].conv1.weight, q.res2[0].conv1.weight)
     assert q.res5[2].conv3.norm.running_mean.abs().sum() > 0  # not the init: it must load
-    torch.testing.assert_close(enc.roi_heads["res5"][2].conv3.norm.running_mean,
-                               q.res5[2].conv3.norm.running_mean)  # fmt: skip
+    torch.testing.assert_close(
+        enc.roi_heads["res5"][2].conv3.norm.running_mean, q.res5[2].conv3.norm.running_mean
+    )
     # The same network computes the same pooled res5 as the pretrained query backbone.
     with torch.no_grad():
         expected = q(model.preprocess(list(x)))["res5"].mean(dim=(2, 3))
@@ -149,15 +152,17 @@ def test_readout_network_loads_our_checkpoints_and_pkls(moco, insloc_fpn, tmp_pa
     # fpn layout: ResNet from MoCo, FPN and box head left at random init (and said so).
     enc_fpn, report = build_readout_encoder(ckpt, "fpn")
     assert {"backbone.fpn_lateral2", "roi_heads.box_head"} <= set(report.random_init)
-    torch.testing.assert_close(enc_fpn.backbone.bottom_up.res5[0].conv1.weight,
-                               q.res5[0].conv1.weight)  # fmt: skip
+    torch.testing.assert_close(
+        enc_fpn.backbone.bottom_up.res5[0].conv1.weight, q.res5[0].conv1.weight
+    )
 
     # InsLoc-FPN into fpn: FPN and box head pretrained too.
     ckpt_fpn, model_fpn = insloc_fpn
     enc, report = build_readout_encoder(ckpt_fpn, "fpn")
     assert report.random_init == []
-    torch.testing.assert_close(enc.roi_heads["box_head"].fc1.weight,
-                               model_fpn.encoder_q.box_head.fc1.weight)  # fmt: skip
+    torch.testing.assert_close(
+        enc.roi_heads["box_head"].fc1.weight, model_fpn.encoder_q.box_head.fc1.weight
+    )
 
     # A converted .pkl loads the same tensors; one of another layout is refused clearly.
     conversion, _ = convert_checkpoint(ckpt, "c4")
@@ -191,11 +196,29 @@ def test_readout_network_refuses_bad_weights(moco, tmp_path):
 # ------------------------------------------------------------------------------------------
 # eval_readout.py
 # ------------------------------------------------------------------------------------------
-TINY = ["--train", "t_demo_cls_train", "--val", "t_demo_cls_val", "--num-workers", "0",
-        "--batch-size", "16"]  # fmt: skip
+TINY = [
+    "--train",
+    "t_demo_cls_train",
+    "--val",
+    "t_demo_cls_val",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "16",
+]
 SMALL_ROI = ["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "4"]  # cheap cell features (detector: 14)
-TINY_CLASSIFIER = ["--epochs", "5", "--classifier-batch-size", "16", "--milestones", "4",
-                   "--lr", "0.5", "--normalize", "standardize"]  # fmt: skip
+TINY_CLASSIFIER = [
+    "--epochs",
+    "5",
+    "--classifier-batch-size",
+    "16",
+    "--milestones",
+    "4",
+    "--lr",
+    "0.5",
+    "--normalize",
+    "standardize",
+]
 
 
 def _results(out):
@@ -211,19 +234,29 @@ def test_eval_readout_every_protocol(tiny_cls, moco, tmp_path, capsys):
     assert main(["knn", ckpt, "random", *TINY, "--k", "5,10", "--output-dir", out]) == 0
     assert main(["loc", ckpt, *TINY, *TINY_CLASSIFIER, "--output-dir", out, *SMALL_ROI]) == 0
     assert main(["linear", ckpt, *TINY, *TINY_CLASSIFIER, "--cached", "--output-dir", out]) == 0
-    assert main(["svm", ckpt, *TINY, "--stages", "res4,res5", "--costs", "0.1,1",
-                 "--output-dir", out]) == 0  # fmt: skip
+    assert (
+        main(["svm", ckpt, *TINY, "--stages", "res4,res5", "--costs", "0.1,1", "--output-dir", out])
+        == 0
+    )
     assert main(["views", ckpt, *TINY, "--output-dir", out]) == 0
     results = _results(out)
     by = {(r["protocol"], os.path.basename(r["weights"])): r for r in results.values()}
-    assert set(by) == {("knn", "model_final.pth"), ("knn", "random"), ("loc", "model_final.pth"),
-                       ("linear", "model_final.pth"), ("svm", "model_final.pth"),
-                       ("views", "model_final.pth")}  # fmt: skip
+    assert set(by) == {
+        ("knn", "model_final.pth"),
+        ("knn", "random"),
+        ("loc", "model_final.pth"),
+        ("linear", "model_final.pth"),
+        ("svm", "model_final.pth"),
+        ("views", "model_final.pth"),
+    }
     assert set(by["views", "model_final.pth"]["metrics"]) == {"top1_res4", "top1_res5"}
     assert set(by["knn", "random"]["metrics"]) == {"top1@k5", "top5@k5", "top1@k10", "top5@k10"}
     assert set(by["loc", "model_final.pth"]["metrics"]) == {"Loc", "ObjLoc", "Cls"}
     assert set(by["svm", "model_final.pth"]["metrics"]) == {
-        "mAP_res4", "mAP11_res4", "mAP_res5", "mAP11_res5"
+        "mAP_res4",
+        "mAP11_res4",
+        "mAP_res5",
+        "mAP11_res5",
     }
     for r in results.values():
         assert r["num_train"] == SPLITS["train"] and r["num_val"] == SPLITS["val"]
@@ -256,8 +289,21 @@ def test_eval_readout_every_protocol(tiny_cls, moco, tmp_path, capsys):
 def test_linear_protocol_with_augmentation_resumes(tiny_cls, moco, tmp_path):
     main = _script("eval_readout").main
     out = str(tmp_path / "lin")
-    args = ["linear", moco[0], *TINY, "--epochs", "2", "--classifier-batch-size", "16",
-            "--milestones", "1", "--lr", "0.001", "--output-dir", out]  # fmt: skip
+    args = [
+        "linear",
+        moco[0],
+        *TINY,
+        "--epochs",
+        "2",
+        "--classifier-batch-size",
+        "16",
+        "--milestones",
+        "1",
+        "--lr",
+        "0.001",
+        "--output-dir",
+        out,
+    ]
     assert main(args) == 0
     ckpt = torch.load(os.path.join(out, "linear_checkpoint.pth"), weights_only=True)
     assert ckpt["epoch"] == 2
@@ -285,8 +331,10 @@ def test_eval_readout_clear_errors(tiny_cls, moco, tmp_path, capsys, monkeypatch
     from insloc_detco.readout.datasets import register_class_folder
 
     register_class_folder("t_missing_imagenet", str(tmp_path / "no" / "imagenet" / "train"))
-    assert main(["knn", moco[0], "--train", "t_missing_imagenet", "--val", "t_demo_cls_val",
-                 *out]) == 2  # fmt: skip
+    assert (
+        main(["knn", moco[0], "--train", "t_missing_imagenet", "--val", "t_demo_cls_val", *out])
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     assert main(["knn", moco[0], "--train", "pretrain_demo", "--val", "t_demo_cls_val", *out]) == 2
     assert "no labels" in capsys.readouterr().err
@@ -318,8 +366,21 @@ def test_attention_maps_and_script(tiny_cls, moco, tmp_path):
 
     main = _script("visualize_attention").main
     out = str(tmp_path / "att")
-    assert main([moco[0], "random", "--dataset", "t_demo_cls_val", "--num-images", "2",
-                 "--output-dir", out]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                moco[0],
+                "random",
+                "--dataset",
+                "t_demo_cls_val",
+                "--num-images",
+                "2",
+                "--output-dir",
+                out,
+            ]
+        )
+        == 0
+    )
     assert len(os.listdir(out)) == 2
     assert main(["random", "--output-dir", out]) == 2  # no images given
 
@@ -336,11 +397,16 @@ def test_precise_bn_reestimates_statistics_on_readout_images(tiny_cls):
     enc.recompute_bn_statistics(batches)
     c1 = enc.backbone.stem.conv1  # detectron2's Conv2d applies its norm: convolve without it
     with torch.no_grad():
-        conv = torch.cat([torch.nn.functional.conv2d(enc.preprocess(b), c1.weight, c1.bias,
-                                                     c1.stride, c1.padding) for b in batches])
+        conv = torch.cat(
+            [
+                torch.nn.functional.conv2d(
+                    enc.preprocess(b), c1.weight, c1.bias, c1.stride, c1.padding
+                )
+                for b in batches
+            ]
+        )
     # The stem's BN now holds the mean of its input over the images (weights untouched).
-    torch.testing.assert_close(stem_bn.running_mean, conv.mean(dim=(0, 2, 3)), rtol=1e-3,
-                               atol=1e-3)  # fmt: skip
+    torch.testing.assert_close(stem_bn.running_mean, conv.mean(dim=(0, 2, 3)), rtol=1e-3, atol=1e-3)
     assert not enc.training and not stem_bn.training
     # The fpn layout re-estimates the FPN and box-head statistics too (boxes given).
     enc_fpn, _ = build_readout_encoder("random", "fpn")

@@ -67,8 +67,14 @@ def test_cluster_launch_options_live_in_launch(monkeypatch):
         Launch.from_args(parser.parse_args(["--slurm", "--num-gpus", "8"]))
     # Under torchrun every process runs the entry script: rank 0 alone collects the results,
     # and the job's nodes are the machines.
-    for k, v in dict(RANK="9", WORLD_SIZE="16", LOCAL_RANK="1", LOCAL_WORLD_SIZE="8",
-                     MASTER_ADDR="h", MASTER_PORT="1").items():  # fmt: skip
+    for k, v in dict(
+        RANK="9",
+        WORLD_SIZE="16",
+        LOCAL_RANK="1",
+        LOCAL_WORLD_SIZE="8",
+        MASTER_ADDR="h",
+        MASTER_PORT="1",
+    ).items():
         monkeypatch.setenv(k, v)
     assert not Launch().collects_results and Launch().machines == 2
     monkeypatch.setenv("RANK", "0")

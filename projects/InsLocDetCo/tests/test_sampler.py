@@ -1,4 +1,5 @@
 """The resumable data stream: order and augmentation are functions of the stream position."""
+
 import itertools
 import random
 
@@ -46,16 +47,18 @@ def test_a_sample_is_mapped_the_same_wherever_it_comes_in_the_stream():
 @pytest.mark.slow  # loader workers are processes
 def test_loader_batches_do_not_depend_on_workers_or_where_the_stream_starts():
     def batches(workers, start, n):
-        cfg = load_config("instant_test/pretrain_moco_v2.yaml", "SEED", 3,
-                          "DATALOADER.NUM_WORKERS", workers)  # fmt: skip
+        cfg = load_config(
+            "instant_test/pretrain_moco_v2.yaml", "SEED", 3, "DATALOADER.NUM_WORKERS", workers
+        )
         loader = build_pretrain_train_loader(cfg)
         loader.sampler.set_start(3, start)
-        return [{k: v.clone() for k, v in b.tensors.items()}
-                for b in itertools.islice(iter(loader), n)]  # fmt: skip
+        return [
+            {k: v.clone() for k, v in b.tensors.items()} for b in itertools.islice(iter(loader), n)
+        ]
 
     reference = batches(0, 0, 4)
     for got in (batches(2, 0, 4), batches(2, 1, 3)[:3]):
-        expected = reference[4 - len(got):]
+        expected = reference[4 - len(got) :]
         assert all(torch.equal(a[k], b[k]) for a, b in zip(got, expected) for k in a)
 
 
@@ -81,8 +84,12 @@ def test_a_checkpoint_of_another_config_is_not_resumed_by_itself():
     cfg = load_config("instant_test/pretrain_moco_v2.yaml")
     recorded = _run_state(cfg).state_dict()["config"]
     # How the run executes changes no result: resumed by itself.
-    same_run = {"MODEL.FAST_PATH.ENABLED": "off", "SOLVER.LOG_PERIOD": 7,
-                "DATALOADER.NUM_WORKERS": 3, "OUTPUT_DIR": "/elsewhere"}  # fmt: skip
+    same_run = {
+        "MODEL.FAST_PATH.ENABLED": "off",
+        "SOLVER.LOG_PERIOD": 7,
+        "DATALOADER.NUM_WORKERS": 3,
+        "OUTPUT_DIR": "/elsewhere",
+    }
     _run_state(cfg, **same_run).check_config(recorded)
     with pytest.raises(ConfigMismatchError, match=r"SOLVER.BASE_LR 0.\d+ -> 0.5.*--resume"):
         _run_state(cfg, **{"SOLVER.BASE_LR": 0.5}).check_config(recorded)

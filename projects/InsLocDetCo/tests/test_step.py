@@ -1,4 +1,5 @@
 """DeviceMetricsTrainer: losses stay on the device and are read back only when flushed."""
+
 import math
 
 import pytest

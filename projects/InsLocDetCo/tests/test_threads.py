@@ -1,4 +1,5 @@
 """Thread discipline: one rule for every launch path, overridable, logged."""
+
 import logging
 import os
 
@@ -14,24 +15,29 @@ from insloc_detco.engine.threads import configure_threads, main_process_threads
 
 def test_cuda_processes_leave_the_cores_to_their_loader_workers():
     # One H100 node of the issue: 16 cores, 15 workers -> 1 thread (was PyTorch's 16).
-    assert main_process_threads(cores=16, local_processes=1, workers_per_process=15,
-                                on_cuda=True) == 1  # fmt: skip
+    assert (
+        main_process_threads(cores=16, local_processes=1, workers_per_process=15, on_cuda=True) == 1
+    )
     # 8 GPUs, 96 cores, 8 workers each: 12 cores per process, 4 left after the workers.
-    assert main_process_threads(cores=96, local_processes=8, workers_per_process=8,
-                                on_cuda=True) == 4  # fmt: skip
+    assert (
+        main_process_threads(cores=96, local_processes=8, workers_per_process=8, on_cuda=True) == 4
+    )
     # Never zero, even when the workers alone oversubscribe.
-    assert main_process_threads(cores=4, local_processes=2, workers_per_process=8,
-                                on_cuda=True) == 1  # fmt: skip
+    assert (
+        main_process_threads(cores=4, local_processes=2, workers_per_process=8, on_cuda=True) == 1
+    )
 
 
 def test_cpu_training_keeps_pytorchs_default_for_one_process(monkeypatch):
     monkeypatch.setattr(threads, "_TORCH_DEFAULT_THREADS", 2)
-    assert main_process_threads(cores=2, local_processes=1, workers_per_process=1,
-                                on_cuda=False) == 2  # fmt: skip
+    assert (
+        main_process_threads(cores=2, local_processes=1, workers_per_process=1, on_cuda=False) == 2
+    )
     # Several CPU processes share the cores instead of each taking all of them.
     monkeypatch.setattr(threads, "_TORCH_DEFAULT_THREADS", 16)
-    assert main_process_threads(cores=16, local_processes=4, workers_per_process=2,
-                                on_cuda=False) == 4  # fmt: skip
+    assert (
+        main_process_threads(cores=16, local_processes=4, workers_per_process=2, on_cuda=False) == 4
+    )
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """Repository tooling: `make clean`, and the set-up script's progress while pip works."""
+
 import os
 import shutil
 import stat

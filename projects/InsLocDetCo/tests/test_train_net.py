@@ -1,4 +1,5 @@
 """The README's pretraining commands, end to end at instant scale (CPU)."""
+
 import json
 import os
 import shutil
@@ -31,8 +32,15 @@ def single_run(tmp_path_factory):
 @pytest.mark.slow
 def test_single_process_run_writes_checkpoints_logs_and_curves(single_run):
     out, log = single_run
-    for f in ("model_final.pth", "model_0000002.pth", "metrics.json", "curves.png",
-              "config.yaml", "last_checkpoint", "model_final.pth.sha256"):
+    for f in (
+        "model_final.pth",
+        "model_0000002.pth",
+        "metrics.json",
+        "curves.png",
+        "config.yaml",
+        "last_checkpoint",
+        "model_final.pth.sha256",
+    ):
         assert os.path.exists(os.path.join(out, f)), f
     # The last iteration (5) is written once, as model_final.pth.
     assert not os.path.exists(os.path.join(out, "model_0000005.pth"))
@@ -51,9 +59,13 @@ def test_log_is_readable(single_run):
     out, console = single_run
     with open(os.path.join(out, "log.txt")) as f:
         log = f.read()
-    for line in ("insloc_detco.data.build INFO: Pretraining on 18 images",
-                 "Schedule: batch 8 (1 process(es) x 8 images), base lr 0.01",
-                 "Checkpoints: ~", "Wrote training curves", "Pretrained weights:"):  # fmt: skip
+    for line in (
+        "insloc_detco.data.build INFO: Pretraining on 18 images",
+        "Schedule: batch 8 (1 process(es) x 8 images), base lr 0.01",
+        "Checkpoints: ~",
+        "Wrote training curves",
+        "Pretrained weights:",
+    ):
         assert line in log and line.split(": ", 1)[-1] in console, line
     assert "\x1b" not in log and "\x1b" not in console  # no colour codes in files or pipes
     assert log.count("(res5)") == 1  # the model once: encoder_k is named, not printed again
@@ -107,9 +119,21 @@ def test_an_error_on_two_processes_ends_with_the_real_error(tmp_path):
     """A NaN loss (detected on rank 0) while rank 1 goes on to the next step's collectives:
     the run must end promptly with the FloatingPointError, not a collective mismatch."""
     out = str(tmp_path)
-    proc = run_train_net("--config-file", CONFIG, "--num-gpus", "2", "OUTPUT_DIR", out,
-                         "SOLVER.MAX_ITER", 20, "SOLVER.BASE_LR", 1e12, "SOLVER.WARMUP_ITERS", 0,
-                         timeout=300)  # fmt: skip
+    proc = run_train_net(
+        "--config-file",
+        CONFIG,
+        "--num-gpus",
+        "2",
+        "OUTPUT_DIR",
+        out,
+        "SOLVER.MAX_ITER",
+        20,
+        "SOLVER.BASE_LR",
+        1e12,
+        "SOLVER.WARMUP_ITERS",
+        0,
+        timeout=300,
+    )
     assert proc.returncode != 0
     for text in (proc.stderr, open(os.path.join(out, "log.txt")).read()):
         assert "FloatingPointError: Loss became infinite or NaN" in text

@@ -1,4 +1,5 @@
 """The training engine on several processes: queues, start-up summaries, hooks after a failure."""
+
 import os
 
 import pytest
@@ -71,8 +72,15 @@ def test_model_summary_prints_the_key_encoder_once(cfg_loader):
 
 
 def test_every_trainer_uses_the_retaining_checkpointer(cfg_loader, tmp_path):
-    cfg = cfg_loader(CONFIG, "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(tmp_path),
-                     "SOLVER.CHECKPOINT_MAX_TO_KEEP", 5)  # fmt: skip
+    cfg = cfg_loader(
+        CONFIG,
+        "DATALOADER.NUM_WORKERS",
+        0,
+        "OUTPUT_DIR",
+        str(tmp_path),
+        "SOLVER.CHECKPOINT_MAX_TO_KEEP",
+        5,
+    )
     trainer = PretrainTrainer(cfg)
     found = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
     assert len(found) == 1 and type(found[0]) is PeriodicCheckpointer and found[0].keep == 5

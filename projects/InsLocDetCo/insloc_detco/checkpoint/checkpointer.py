@@ -8,6 +8,7 @@
   one ``last_checkpoint`` names, or else, with a warning naming what was wrong, the other
   checkpoints of the folder, newest first. Damaged files are reported and left in place.
 """
+
 import logging
 import os
 import re
@@ -162,9 +163,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             CorruptCheckpointError: no checkpoint of the folder can be read.
         """
         named = self._last_checkpoint_target()
-        candidates = ([named] if named else []) + [
-            f for f in self.checkpoint_files() if f != named
-        ]
+        candidates = ([named] if named else []) + [f for f in self.checkpoint_files() if f != named]
         rejected = []
         for candidate in candidates:
             problem = _problem_on_any_rank(self._try_read(candidate))

@@ -15,6 +15,7 @@ stored in the file itself, and the whole file is what a truncated copy or a flip
 
 The hashing's cost per save and per load is measured in docs/SPEED.md ("Checkpoint checksums").
 """
+
 import errno
 import hashlib
 import os

@@ -7,6 +7,7 @@ for good; this hook prunes by looking at the folder instead. It also writes the 
 once, as ``model_final.pth``, where detectron2 writes ``model_<last>.pth`` as well when
 ``MAX_ITER`` is a multiple of the period (the same weights twice).
 """
+
 import logging
 import re
 import shutil

@@ -5,6 +5,7 @@ any Python function while loading. :func:`load_weights_file` accepts only what w
 hold: containers, strings, numbers, numpy arrays (model-zoo ``.pkl``) and tensors (``torch.save``
 files, through ``torch.load(weights_only=True)``). Anything else is refused before it runs.
 """
+
 import pickle
 import zipfile
 from typing import Any

@@ -18,6 +18,7 @@ mapper calls it on a batch of one view) or on the training device (the model cal
 ``preprocess`` on the whole batch). Both run the same module: switching the placement changes
 where the code runs, not which code exists. Measured choices are in ``bench/bench_augment.py``.
 """
+
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -157,8 +158,14 @@ class PhotometricAugmentation(nn.Module):
         # (lo, hi) of the uniform factor of each jitter op, in _JITTER_OPS order.
         self.register_buffer(
             "jitter_range",
-            torch.tensor([[max(0.0, 1 - b), 1 + b], [max(0.0, 1 - c), 1 + c],
-                          [max(0.0, 1 - s), 1 + s], [-h, h]]),  # fmt: skip
+            torch.tensor(
+                [
+                    [max(0.0, 1 - b), 1 + b],
+                    [max(0.0, 1 - c), 1 + c],
+                    [max(0.0, 1 - s), 1 + s],
+                    [-h, h],
+                ]
+            ),
             persistent=False,
         )
         self.color_jitter_prob = color_jitter_prob

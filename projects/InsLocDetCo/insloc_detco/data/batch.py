@@ -13,6 +13,7 @@ With ``INPUT.PRETRAIN.DECODE_ON: device`` the batch also carries the JPEG files 
 that the training process decodes and cuts (:attr:`PretrainBatch.encoded`, see
 :mod:`.device_decode`); their views join :attr:`PretrainBatch.tensors` there.
 """
+
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -89,9 +90,11 @@ class PretrainBatch:
         # Ship the stacked tensors once, not the per-sample views of them.
         extras = [{k: v for k, v in s.items() if k not in self.tensors} for s in self.extras]
         return {
-            "tensors": self.tensors, "extras": extras, "encoded": self.encoded,
+            "tensors": self.tensors,
+            "extras": extras,
+            "encoded": self.encoded,
             "_views_added": False,
-        }  # fmt: skip
+        }
 
 
 class BatchCollator:

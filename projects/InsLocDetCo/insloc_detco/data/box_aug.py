@@ -12,6 +12,7 @@ the stride (the recipes: 256 / 16); so when the flip is drawn later on the devic
 picks one anchor for each outcome of the flip (:meth:`AnchorBoxAugmentation.for_both_flips`)
 and the step keeps the one that matches, which is exact for any grid.
 """
+
 from typing import Sequence, Tuple
 
 import torch
@@ -98,7 +99,6 @@ class AnchorBoxAugmentation(nn.Module):
         scores = torch.rand(len(owners), device=boxes.device)
         keep = batched_nms(candidates, scores, owners, self.nms_threshold)
         return candidates[keep[_pick_one_per_group(owners[keep], len(boxes))]]
-
 
     @torch.no_grad()
     def for_both_flips(self, boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """The pretraining data loader: detectron2's train loader over unlabeled records."""
+
 import itertools
 import logging
 from typing import Optional

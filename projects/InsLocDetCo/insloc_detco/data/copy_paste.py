@@ -19,6 +19,7 @@ All randomness comes from torch's global generator, which the loader re-seeds fo
 from its position in the data stream (:mod:`.sampler`), so workers, ranks and epochs never
 share a stream, and a resumed run draws what the uninterrupted one would have.
 """
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch

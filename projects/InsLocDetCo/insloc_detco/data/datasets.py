@@ -17,6 +17,7 @@ other modules add forms of their own with :func:`register_on_first_use` (labelle
 folders, seeded subsets), and every name goes through :func:`try_register` /
 :func:`ensure_registered`.
 """
+
 import json
 import logging
 import os
@@ -47,11 +48,25 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 # Real photographs among the files scikit-image ships under skimage/data (its synthetic
 # images, drawings and the 14x25 gif are left out). Several are grayscale: the mapper converts.
 DEMO_PHOTOS = (
-    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
-    "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
-    "microaneurysms.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png",
-    "retina.jpg", "rocket.jpg",
-)  # fmt: skip
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "cell.png",
+    "chelsea.png",
+    "clock_motion.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "microaneurysms.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+    "rocket.jpg",
+)
 
 
 def _records(file_names: List[str]) -> List[Dict]:
@@ -142,9 +157,7 @@ def load_coco_image_list(json_file: str, image_root: str) -> List[str]:
 
 
 def _register(name: str, list_fn, source: str, **metadata):
-    DatasetCatalog.register(
-        name, lambda: _records(_check_nonempty(list_fn(), name, source))
-    )
+    DatasetCatalog.register(name, lambda: _records(_check_nonempty(list_fn(), name, source)))
     MetadataCatalog.get(name).set(evaluator_type="none", **metadata)
 
 

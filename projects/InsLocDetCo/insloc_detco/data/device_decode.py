@@ -22,6 +22,7 @@ Covered: the views made by a RandomResizedCrop of the whole image (MoCo v2, DetC
 views and its 255 px jigsaw crops). Not covered: InsLoc's copy-paste composites (see
 docs/SPEED.md).
 """
+
 import logging
 from typing import Dict, List, NamedTuple, Optional, Tuple
 

@@ -12,6 +12,7 @@ photometric part runs on the whole crop, in the loader or on the training device
 (``INPUT.PRETRAIN.AUGMENT_ON``), before :func:`cut_patches`, so the nine patches of a set
 always share one draw of the photometric parameters.
 """
+
 from typing import Dict, Optional, Tuple
 
 import torch

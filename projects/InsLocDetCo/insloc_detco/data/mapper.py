@@ -24,6 +24,7 @@ fraction is readable trains, and what it skips is counted. The first rule can fi
 corpus only by chance: with a readable fraction f, each worker's first K draws all fail with
 probability about (1 - f)^K, below 2e-9 for f = 2 % at the default K = 1000.
 """
+
 import logging
 from typing import Collection, Dict, List, Optional, Sequence, Tuple, Union
 

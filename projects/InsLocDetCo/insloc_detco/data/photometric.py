@@ -7,6 +7,7 @@ torchvision's per-image ``transforms.v2.functional`` ops compute on float images
 kernel launch serves every sample. The blur is separable (2k instead of k^2 multiply-adds per
 pixel): with k = 23 that alone is ~10x less work than torchvision's 2-D convolution.
 """
+
 import torch
 import torch.nn.functional as F
 

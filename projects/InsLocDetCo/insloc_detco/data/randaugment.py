@@ -6,6 +6,7 @@ through the very op table and kernels of torchvision's ``RandAugment`` (so magni
 interpolation are torchvision's; torchvision's functional kernels accept batches). The result
 is what the per-image transform gives for the same draws (``tests/test_photometric.py``).
 """
+
 from typing import Dict, Optional
 
 import torch

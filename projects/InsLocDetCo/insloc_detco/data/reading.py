@@ -15,6 +15,7 @@ draft mode shrinks while decoding (``max_size``), goes through Pillow.
 from the header and leaves the JPEGs that the training device can decode undecoded
 (:class:`EncodedJpeg`, see :mod:`.device_decode`); it decodes the others as above.
 """
+
 import contextlib
 import io
 import warnings

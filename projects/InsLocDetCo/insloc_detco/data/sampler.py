@@ -16,6 +16,7 @@ With detectron2's batching (a worker maps whole per-rank batches, ``shard_chunk_
 workers and wherever the stream started. Positions are global (all ranks' samples are one
 stream, rank ``r`` taking every ``world_size``-th), as in detectron2.
 """
+
 import itertools
 import os
 import random

@@ -17,6 +17,7 @@ The variables of the innermost launcher win: ``torchrun`` started by ``srun`` (o
 node) is a torchrun launch. A single SLURM task is no launch at all (``srun python
 train_net.py --num-gpus 8`` spawns its workers as before).
 """
+
 import os
 import re
 import shutil
@@ -103,9 +104,14 @@ def _from_torchrun(env) -> LaunchedProcess:
     world = _int(env, "WORLD_SIZE")
     local_world = _int(env, "LOCAL_WORLD_SIZE", 1 if "LOCAL_RANK" not in env else world)
     return LaunchedProcess(
-        "torchrun", _int(env, "RANK"), world, _int(env, "LOCAL_RANK", 0), local_world,
-        env["MASTER_ADDR"], _int(env, "MASTER_PORT"),
-    )  # fmt: skip
+        "torchrun",
+        _int(env, "RANK"),
+        world,
+        _int(env, "LOCAL_RANK", 0),
+        local_world,
+        env["MASTER_ADDR"],
+        _int(env, "MASTER_PORT"),
+    )
 
 
 def _from_slurm(env) -> LaunchedProcess:
@@ -120,18 +126,28 @@ def _from_slurm(env) -> LaunchedProcess:
     addr = env.get("MASTER_ADDR") or first_host(nodelist)
     port = int(env.get("MASTER_PORT") or port_for_job(env.get("SLURM_JOB_ID", "0")))
     return LaunchedProcess(
-        "slurm", _int(env, "SLURM_PROCID"), world, _int(env, "SLURM_LOCALID", 0),
-        world // nodes, addr, port,
-    )  # fmt: skip
+        "slurm",
+        _int(env, "SLURM_PROCID"),
+        world,
+        _int(env, "SLURM_LOCALID", 0),
+        world // nodes,
+        addr,
+        port,
+    )
 
 
 def _from_submitit_local(env) -> LaunchedProcess:
     world = _int(env, "SUBMITIT_LOCAL_NTASKS", 1)
     port = int(env.get("MASTER_PORT") or port_for_job(env.get("SUBMITIT_LOCAL_JOB_ID", "0")))
     return LaunchedProcess(
-        "submitit-local", _int(env, "SUBMITIT_LOCAL_GLOBALID"), world,
-        _int(env, "SUBMITIT_LOCAL_LOCALID", 0), world, "127.0.0.1", port,
-    )  # fmt: skip
+        "submitit-local",
+        _int(env, "SUBMITIT_LOCAL_GLOBALID"),
+        world,
+        _int(env, "SUBMITIT_LOCAL_LOCALID", 0),
+        world,
+        "127.0.0.1",
+        port,
+    )
 
 
 def _check_layout(p: LaunchedProcess):
@@ -156,8 +172,13 @@ def first_host(nodelist: str) -> str:
         raise LaunchError("SLURM tasks without SLURM_STEP_NODELIST / SLURM_JOB_NODELIST.")
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                                 text=True, timeout=30, check=True).stdout.split()  # fmt: skip
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout.split()
             if out:
                 return out[0]
         except (OSError, subprocess.SubprocessError):

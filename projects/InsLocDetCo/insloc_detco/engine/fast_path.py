@@ -8,6 +8,7 @@ compiled graph is also captured once as a CUDA graph and replayed with one launc
 one fused kernel over all parameters. The random draws stay outside the compiled graphs, so the
 eager and the fast path see the same random numbers (``tests/test_fast_path.py``).
 """
+
 import logging
 from typing import Dict
 

@@ -1,4 +1,5 @@
 """Training hooks of the pretraining engine."""
+
 import json
 import logging
 import math
@@ -106,8 +107,10 @@ def plot_metrics(metrics_file: str, out_file: str, queue_sizes: Sequence[int] = 
     accs = sorted(k for k in series if k.startswith("[metric]acc/"))
     total = ["total_loss"] if "total_loss" in series else []
     if len(terms) > 1:
-        panels = [(total, "total_loss (sum of the weighted loss terms)", ()),
-                  (terms, "loss terms", queue_sizes)]  # fmt: skip
+        panels = [
+            (total, "total_loss (sum of the weighted loss terms)", ()),
+            (terms, "loss terms", queue_sizes),
+        ]
     else:  # detectron2 records the terms only when there are several
         panels = [(terms or total, "loss", queue_sizes)]
     panels.append((accs, "contrastive top-1 (%)", ()))

@@ -19,6 +19,7 @@ run in four then aborted at interpreter exit ("terminate called without an activ
 SIGABRT) although the work had succeeded; the groups are destroyed and the process leaves with
 ``os._exit`` after flushing its logs.
 """
+
 import logging
 import multiprocessing
 import os
@@ -76,8 +77,15 @@ def _collective_timeout(timeout: timedelta) -> timedelta:
     return timeout + timedelta(seconds=_COLLECTIVE_MARGIN_S)
 
 
-def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
-           dist_url=None, args=(), timeout: Optional[timedelta] = None):  # fmt: skip
+def launch(
+    main_func,
+    num_gpus_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url=None,
+    args=(),
+    timeout: Optional[timedelta] = None,
+):
     """
     Run ``main_func(*args)`` in every process of the run.
 
@@ -97,9 +105,15 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
         spawns = num_gpus_per_machine * num_machines > 1
         with _forwarding_preemption_signals(spawns):
             try:
-                return d2_launch(_run_spawned, num_gpus_per_machine, num_machines, machine_rank,
-                                 dist_url, args=(main_func, spawns, timeout, *args),
-                                 timeout=_collective_timeout(timeout))  # fmt: skip
+                return d2_launch(
+                    _run_spawned,
+                    num_gpus_per_machine,
+                    num_machines,
+                    machine_rank,
+                    dist_url,
+                    args=(main_func, spawns, timeout, *args),
+                    timeout=_collective_timeout(timeout),
+                )
             except mp.ProcessExitedException as e:
                 if e.exit_code in preempted_exit_codes():  # the workers saved and left
                     raise TrainingPreempted(e.exit_code - 128) from None
@@ -204,8 +218,13 @@ def _join(p: LaunchedProcess, timeout: timedelta):
         torch.cuda.set_device(_cuda_device(p))
     try:
         store = _rendezvous(p, timeout)
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=p.rank,
-                                world_size=p.world_size, timeout=_collective_timeout(timeout))
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            store=store,
+            rank=p.rank,
+            world_size=p.world_size,
+            timeout=_collective_timeout(timeout),
+        )
     except Exception as e:
         raise LaunchError(
             f"Could not join the job ({p.describe()}) within {timeout}: {e}. Are all "

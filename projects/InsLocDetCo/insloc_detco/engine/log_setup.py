@@ -7,6 +7,7 @@ codes, into ``log.txt`` too, and only rank 0 logs to the console: an exception o
 stayed in ``log.txt.rank<k>``. The full config (~400 lines) and the model (~300-500 lines) made
 most of the console output; they stay in ``log.txt``, the console names them in a line.
 """
+
 import contextlib
 import copy
 import functools

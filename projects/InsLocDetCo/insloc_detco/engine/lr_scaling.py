@@ -13,6 +13,7 @@ the batch and the lr by the same factor, so the lr per image stays the recipe's 
 scaled twice: ``IMS_PER_BATCH 128`` with ``REFERENCE_WORLD_SIZE 8`` on 4 processes gives
 batch 128 and lr 0.015 here, then batch 64 and lr 0.0075 there.
 """
+
 import ast
 from typing import Optional, Sequence
 

@@ -20,6 +20,7 @@ called after the checkpoint is written; under SLURM without submitit rank 0 runs
 requeue`` on SIGUSR1 (the time-limit warning of ``--signal=USR1@<s>``; on preemption SLURM
 requeues by itself).
 """
+
 import logging
 import os
 import signal
@@ -170,8 +171,9 @@ def _flush_device_metrics(trainer):
 
 def _scontrol_requeue(job_id: str):
     try:
-        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60,
-                       capture_output=True, text=True)  # fmt: skip
+        subprocess.run(
+            ["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True
+        )
         logger.warning(f"Requeued SLURM job {job_id}.")
     except (OSError, subprocess.SubprocessError) as e:
         logger.error(f"Could not requeue SLURM job {job_id} (scontrol requeue): {e}")

@@ -15,6 +15,7 @@ fully resolved config:
   differences. ``--resume`` continues anyway (e.g. with a longer ``SOLVER.MAX_ITER``); a new
   ``OUTPUT_DIR`` starts afresh.
 """
+
 import logging
 
 from detectron2.engine import HookBase

@@ -88,8 +88,14 @@ class Launch:
             LaunchError: ``--slurm`` with process options (the job's tasks are the processes).
         """
         slurm = args if getattr(args, "slurm", False) else None
-        launch = cls(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
-                     getattr(args, "dist_timeout", None), slurm)  # fmt: skip
+        launch = cls(
+            args.num_gpus,
+            args.num_machines,
+            args.machine_rank,
+            args.dist_url,
+            getattr(args, "dist_timeout", None),
+            slurm,
+        )
         if launch.submits and launch.world_size > 1:
             raise LaunchError(
                 "--slurm starts one task per GPU (--nodes x --gpus-per-node): leave out "
@@ -165,10 +171,13 @@ def add_launch_arguments(
             "--dist-url", default="auto", help="e.g. tcp://HOST:PORT with several machines"
         )
     parser.add_argument(
-        "--dist-timeout", type=float, default=None, metavar="SECONDS",
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
         help="how long processes wait for a silent peer before the run ends, naming it "
         f"(default: $INSLOC_DIST_TIMEOUT or {DEFAULT_DIST_TIMEOUT_S:.0f})",
-    )  # fmt: skip
+    )
     if slurm:
         add_slurm_arguments(parser)
 

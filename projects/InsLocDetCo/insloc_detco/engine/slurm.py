@@ -11,6 +11,7 @@ the time limit; training saves at an iteration every rank agrees on, then submit
 job (:mod:`.preemption`), up to ``--max-timeouts`` times; the requeued job resumes by itself.
 ``--submitit-cluster local`` runs the same job as processes of this machine (tests, no cluster).
 """
+
 import argparse
 import os
 import re
@@ -26,8 +27,9 @@ def add_slurm_arguments(parser: argparse.ArgumentParser):
     g.add_argument("--slurm", action="store_true", help="submit the command as a SLURM job")
     g.add_argument("--nodes", type=int, default=1)
     g.add_argument("--gpus-per-node", type=int, default=8, help="one task (process) per GPU")
-    g.add_argument("--tasks-per-node", type=int, default=None,
-                   help="default: --gpus-per-node (1 without GPUs)")  # fmt: skip
+    g.add_argument(
+        "--tasks-per-node", type=int, default=None, help="default: --gpus-per-node (1 without GPUs)"
+    )
     g.add_argument("--cpus-per-task", type=int, default=10)
     g.add_argument("--mem", default=None, help="memory per node, e.g. 480G (0: all)")
     g.add_argument("--time", default="72:00:00", help="time limit: [D-]HH:MM:SS or minutes")
@@ -38,12 +40,24 @@ def add_slurm_arguments(parser: argparse.ArgumentParser):
     g.add_argument("--exclude", default=None, help="nodes to avoid")
     g.add_argument("--comment", default=None)
     g.add_argument("--job-name", default=None, help="default: the run folder's name")
-    g.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit when the job saves and requeues")
-    g.add_argument("--max-timeouts", type=int, default=20,
-                   help="times a job may reach its time limit and be requeued")  # fmt: skip
-    g.add_argument("--submitit-cluster", choices=("slurm", "local"), default="slurm",
-                   help="local: run the job as processes of this machine (no cluster; tests)")
+    g.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        help="seconds before the time limit when the job saves and requeues",
+    )
+    g.add_argument(
+        "--max-timeouts",
+        type=int,
+        default=20,
+        help="times a job may reach its time limit and be requeued",
+    )
+    g.add_argument(
+        "--submitit-cluster",
+        choices=("slurm", "local"),
+        default="slurm",
+        help="local: run the job as processes of this machine (no cluster; tests)",
+    )
 
 
 def time_limit_minutes(text: str) -> int:
@@ -79,8 +93,9 @@ def build_executor(args, folder: str, name: str):
         ) from None
 
     tasks = args.tasks_per_node or max(1, args.gpus_per_node)
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.submitit_cluster,
-                                     slurm_max_num_timeout=args.max_timeouts)  # fmt: skip
+    executor = submitit.AutoExecutor(
+        folder=folder, cluster=args.submitit_cluster, slurm_max_num_timeout=args.max_timeouts
+    )
     executor.update_parameters(
         name=args.job_name or name,
         nodes=args.nodes,

@@ -7,6 +7,7 @@ which waits for the GPU to finish the step before the host may queue the next on
 device; the sums are read back (one transfer, one ``all_reduce`` across ranks) only when they are
 logged, before a checkpoint and at the last iteration, where the non-finite-loss check runs.
 """
+
 import math
 import time
 from typing import Dict, List, Optional, Sequence

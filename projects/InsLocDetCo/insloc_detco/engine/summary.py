@@ -1,4 +1,5 @@
 """What a training run says about itself at start-up: the model and the schedule."""
+
 from torch import nn
 
 __all__ = ["describe_model", "describe_schedule"]

@@ -7,6 +7,7 @@ reason; detectron2's ``launch`` sets nothing. :func:`configure_threads` does it
 for every launch path (one process, ``--num-gpus N``, several machines): it runs in each
 training process, after ``launch`` has set up the local process group.
 """
+
 import logging
 import os
 

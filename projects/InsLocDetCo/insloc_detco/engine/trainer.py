@@ -1,4 +1,5 @@
 """The pretraining trainer: detectron2's ``DefaultTrainer`` with an unlabeled data loader."""
+
 import inspect
 import logging
 import math
@@ -79,9 +80,15 @@ class DeviceAgnosticTrainer(DefaultTrainer):
         logger.info(describe_schedule(cfg, comm.get_world_size()))
         if comm.is_main_process():
             size = estimate_checkpoint_bytes(self.checkpointer.model, optimizer)
-            logger.info(describe_checkpoint_disk_use(
-                size, cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter, _max_to_keep(cfg), cfg.OUTPUT_DIR
-            ))  # fmt: skip
+            logger.info(
+                describe_checkpoint_disk_use(
+                    size,
+                    cfg.SOLVER.CHECKPOINT_PERIOD,
+                    self.max_iter,
+                    _max_to_keep(cfg),
+                    cfg.OUTPUT_DIR,
+                )
+            )
 
     @classmethod
     def build_step_trainer(cls, cfg, model, data_loader, optimizer) -> SimpleTrainer:

@@ -17,6 +17,7 @@ Then the process logs the message (``log.txt``, stderr) and exits at once with s
 :data:`LOST_RANK_EXIT_CODE`: its main thread may be blocked in a collective that nothing else
 interrupts. Checkpoints are written atomically, so the last complete one stays intact.
 """
+
 import logging
 import os
 import sys
@@ -41,8 +42,15 @@ def active_watchdog() -> Optional["Watchdog"]:
 
 
 class Watchdog:
-    def __init__(self, store, rank: int, world_size: int, timeout_s: float,
-                 on_lost: Optional[Callable[[str], None]] = None, clock=time.monotonic):
+    def __init__(
+        self,
+        store,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        on_lost: Optional[Callable[[str], None]] = None,
+        clock=time.monotonic,
+    ):
         """
         Args:
             store: the run's c10d store (shared by all ranks).
@@ -155,7 +163,9 @@ class Watchdog:
             f"(timeout {self.timeout_s:.0f} s). Steps done per rank: "
             + ", ".join(f"{r}: {s}" for r, s in sorted(all_steps.items()))
             + (f"; behind: rank {', '.join(map(str, behind))}" if behind else "")
-            + ". Main threads: " + self._where_everyone() + ". Ending this process."
+            + ". Main threads: "
+            + self._where_everyone()
+            + ". Ending this process."
         )
 
     def _where_everyone(self) -> str:

@@ -4,6 +4,7 @@ Device- and world-size-agnostic: tensors stay on the device they come in on, and
 collective has a single-process fast path, so the same code runs in a unit test on CPU, on one
 GPU without a launcher, and on many nodes.
 """
+
 from typing import Callable, Tuple
 
 import torch

@@ -1,4 +1,5 @@
 """Projection heads that map pooled features to the contrastive embedding."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -74,9 +74,11 @@ def save_attention_figure(
 
     stages = list(rows[0][1])
     fig, axes = plt.subplots(
-        len(rows), len(stages) + 1, figsize=(2.2 * (len(stages) + 1), 2.3 * len(rows)),
+        len(rows),
+        len(stages) + 1,
+        figsize=(2.2 * (len(stages) + 1), 2.3 * len(rows)),
         squeeze=False,
-    )  # fmt: skip
+    )
     rgb = image.permute(1, 2, 0).numpy()
     for i, (label, maps) in enumerate(rows):
         axes[i, 0].imshow(rgb)

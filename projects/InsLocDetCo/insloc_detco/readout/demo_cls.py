@@ -41,8 +41,15 @@ __all__ = [
 # Sorted, so that the class index is also the folder's index in a sorted listing (the
 # convention of folder-per-class loaders such as torchvision's ImageFolder).
 DEMO_CLS_CLASSES = (
-    "circle", "cross", "diamond", "hexagon", "ring", "square", "star", "triangle",
-)  # fmt: skip
+    "circle",
+    "cross",
+    "diamond",
+    "hexagon",
+    "ring",
+    "square",
+    "star",
+    "triangle",
+)
 DEMO_CLS_SPLITS = {"train": 2000, "val": 500}
 DEMO_CLS_SIZE = 96  # side of the square images, pixels
 _OBJECT_SIDE = (1 / 3, 2 / 3)  # side of the object's square box, as a fraction of the image
@@ -78,8 +85,9 @@ def ensure_demo_cls(
         size: side of the square images.
     """
     version = _version(splits, size)
-    return generate_once(root, lambda r: _is_complete(r, version),
-                         lambda tmp: _generate(tmp, splits, size, version))  # fmt: skip
+    return generate_once(
+        root, lambda r: _is_complete(r, version), lambda tmp: _generate(tmp, splits, size, version)
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -186,18 +194,23 @@ def load_demo_cls(
 
 
 def register_demo_cls(
-    root: str = None, prefix: str = "demo_cls", splits: Dict[str, int] = DEMO_CLS_SPLITS,
+    root: str = None,
+    prefix: str = "demo_cls",
+    splits: Dict[str, int] = DEMO_CLS_SPLITS,
     size: int = DEMO_CLS_SIZE,
-):  # fmt: skip
+):
     """Register ``<prefix>_<split>`` over the set at ``root`` (generated on first load)."""
     root = root or demo_cls_root()
     for split in splits:
         name = f"{prefix}_{split}"
         DatasetCatalog.register(name, lambda s=split: load_demo_cls(root, s, splits, size))
         MetadataCatalog.get(name).set(
-            thing_classes=list(DEMO_CLS_CLASSES), image_size=size, dirname=root,
-            split=split, evaluator_type="classification",
-        )  # fmt: skip
+            thing_classes=list(DEMO_CLS_CLASSES),
+            image_size=size,
+            dirname=root,
+            split=split,
+            evaluator_type="classification",
+        )
 
 
 if "demo_cls_train" not in DatasetCatalog.list():

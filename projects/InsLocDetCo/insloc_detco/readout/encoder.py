@@ -88,8 +88,13 @@ def readout_config(layout: str, opts: Sequence[str] = ()) -> CfgNode:
         cfg.MODEL.FPN.IN_FEATURES = list(STAGES)
         cfg.MODEL.FPN.NORM = "BN"
         h.NAME, h.NUM_CONV, h.CONV_DIM, h.NUM_FC, h.FC_DIM, h.NORM = (
-            "FastRCNNConvFCHead", 4, 256, 1, 1024, "BN",
-        )  # fmt: skip
+            "FastRCNNConvFCHead",
+            4,
+            256,
+            1,
+            1024,
+            "BN",
+        )
         h.POOLER_RESOLUTION = 7
     cfg.merge_from_list(list(opts))
     return cfg
@@ -239,7 +244,6 @@ class ReadoutEncoder(nn.Module):
             out["boxes"] = self.box_features(maps, boxes)
         return out
 
-
     @torch.no_grad()
     def recompute_bn_statistics(self, batches: Iterable[torch.Tensor], boxes=None):
         """
@@ -358,9 +362,12 @@ def load_encoder_weights(encoder: ReadoutEncoder, weights: str) -> WeightsReport
 
 
 def build_readout_encoder(
-    weights: str, layout: str = "c4", device: str = "cpu", seed: int = 0,
+    weights: str,
+    layout: str = "c4",
+    device: str = "cpu",
+    seed: int = 0,
     opts: Sequence[str] = (),
-):  # fmt: skip
+):
     """
     Returns:
         (ReadoutEncoder on ``device``, frozen, in eval mode; its :class:`WeightsReport`).

@@ -181,8 +181,11 @@ class FeatureStore:
         for k, (rows, dim) in shapes.items():
             path = os.path.join(self.folder, f"{name}.rank{comm.get_rank()}.{k}.npy")
             handles[k] = open(path, "wb")
-            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                      "shape": (n * rows, dim)}  # fmt: skip
+            header = {
+                "descr": np.lib.format.dtype_to_descr(self.dtype),
+                "fortran_order": False,
+                "shape": (n * rows, dim),
+            }
             np.lib.format.write_array_header_1_0(handles[k], header)
             shard.rows[k] = rows
             shard.files.append(path)

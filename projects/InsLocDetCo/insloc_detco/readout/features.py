@@ -56,8 +56,13 @@ class ReadoutImages(Dataset):
     them do not copy a list of Python objects page by page (the copy-on-read growth of forked
     workers), whatever the size of the data set."""
 
-    def __init__(self, records: List[Dict], transform, indices: Optional[Sequence[int]] = None,
-                 seed: Optional[int] = None):  # fmt: skip
+    def __init__(
+        self,
+        records: List[Dict],
+        transform,
+        indices: Optional[Sequence[int]] = None,
+        seed: Optional[int] = None,
+    ):
         self.transform = transform
         self.indices = np.arange(len(records)) if indices is None else np.asarray(indices)
         self.file_names = np.array([records[i]["file_name"].encode() for i in self.indices])
@@ -83,8 +88,9 @@ class ReadoutImages(Dataset):
 
 def image_batches(records: List[Dict], transform, batch_size: int, num_workers: int = 0):
     """Yields (N, 3, H, W) uint8 batches of ``records`` in order (every process: all of them)."""
-    loader = DataLoader(ReadoutImages(records, transform), batch_size=batch_size,
-                        num_workers=num_workers)  # fmt: skip
+    loader = DataLoader(
+        ReadoutImages(records, transform), batch_size=batch_size, num_workers=num_workers
+    )
     for images, _ in loader:
         yield images
 
@@ -139,8 +145,10 @@ class _Progress:
         self.last = now
         rate = self.done / max(now - self.start, 1e-9)
         left = (self.total - self.done) / max(rate, 1e-9)
-        logger.info(f"[{self.name}] features of {self.done}/{self.total} images in this process "
-                    f"({rate:.1f} img/s, {left / 60:.0f} min left)")  # fmt: skip
+        logger.info(
+            f"[{self.name}] features of {self.done}/{self.total} images in this process "
+            f"({rate:.1f} img/s, {left / 60:.0f} min left)"
+        )
 
 
 # forward(encoder, images) -> {feature: (N * rows, D)}; None: encoder(images, stages, boxes).
@@ -196,9 +204,13 @@ def feature_batches(
 
 
 def extract_features(
-    encoder: ReadoutEncoder, records: List[Dict], transform, *args,
-    gather: Union[bool, str] = True, **kwargs,
-) -> Dict[str, torch.Tensor]:  # fmt: skip
+    encoder: ReadoutEncoder,
+    records: List[Dict],
+    transform,
+    *args,
+    gather: Union[bool, str] = True,
+    **kwargs,
+) -> Dict[str, torch.Tensor]:
     """
     The features of a small set, in memory (``args``, ``kwargs``: :func:`feature_batches`).
 
@@ -223,9 +235,13 @@ def extract_features(
 
 
 def extract_shard(
-    store: FeatureStore, encoder: ReadoutEncoder, records: List[Dict], transform, name: str,
+    store: FeatureStore,
+    encoder: ReadoutEncoder,
+    records: List[Dict],
+    transform,
+    name: str,
     **kwargs,
-) -> FeatureShard:  # fmt: skip
+) -> FeatureShard:
     """
     The features of this process's records, written to ``store`` and memory-mapped (every
     process calls it; ``kwargs``: :func:`feature_batches`).

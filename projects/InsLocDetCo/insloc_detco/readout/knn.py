@@ -35,8 +35,12 @@ __all__ = [
 
 @torch.no_grad()
 def knn_candidates(
-    bank, bank_labels: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 1024,
-):  # fmt: skip
+    bank,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    chunk: int = 1024,
+):
     """
     Args:
         bank: (N, D) training features (this process's shard): a tensor or a memory-mapped
@@ -68,9 +72,13 @@ def knn_candidates(
 
 @torch.no_grad()
 def knn_scores(
-    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-    ks: Sequence[int] = (20, 200), temperature: float = 0.07,
-) -> Dict[int, torch.Tensor]:  # fmt: skip
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int] = (20, 200),
+    temperature: float = 0.07,
+) -> Dict[int, torch.Tensor]:
     """
     Weighted kNN class scores, over the bank shards of all processes.
 
@@ -106,10 +114,14 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
 
 
 def knn_accuracy(
-    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
-    query_labels: torch.Tensor, num_classes: int, ks: Sequence[int] = (20, 200),
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int] = (20, 200),
     temperature: float = 0.07,
-) -> Dict[str, float]:  # fmt: skip
+) -> Dict[str, float]:
     """
     Returns:
         {"top1@k<k>": %, and "top5@k<k>" when there are more than 5 classes}.
@@ -125,9 +137,16 @@ def knn_accuracy(
 
 @torch.no_grad()
 def sharded_knn_accuracy(
-    bank, bank_labels, queries, query_labels, num_classes: int, ks: Sequence[int] = (20, 200),
-    temperature: float = 0.07, chunk: Optional[int] = None, device="cpu",
-) -> Dict[str, float]:  # fmt: skip
+    bank,
+    bank_labels,
+    queries,
+    query_labels,
+    num_classes: int,
+    ks: Sequence[int] = (20, 200),
+    temperature: float = 0.07,
+    chunk: Optional[int] = None,
+    device="cpu",
+) -> Dict[str, float]:
     """
     :func:`knn_accuracy` with the queries sharded too: every process passes its shard of the
     bank and of the queries (tensors or memory-mapped arrays). In each round every process
@@ -150,8 +169,9 @@ def sharded_knn_accuracy(
         part = torch.from_numpy(np.array(queries[r * chunk : (r + 1) * chunk])).float()
         mine = torch.as_tensor(np.asarray(query_labels[r * chunk : (r + 1) * chunk]))
         parts = comm.all_gather(part) if world > 1 else [part]
-        scores = knn_scores(bank, bank_labels, torch.cat(parts).to(device), num_classes, ks,
-                            temperature)  # fmt: skip
+        scores = knn_scores(
+            bank, bank_labels, torch.cat(parts).to(device), num_classes, ks, temperature
+        )
         first = sum(len(p) for p in parts[:rank])  # this process's rows of the round
         for k, s in scores.items():
             for t in (1, 5):

@@ -94,9 +94,11 @@ class LinearClassifier(nn.Module):
 
 def _optimizer(model: nn.Module, recipe: LinearRecipe, steps_per_epoch: int):
     opt = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+        model.parameters(),
+        lr=recipe.lr,
+        momentum=recipe.momentum,
         weight_decay=recipe.weight_decay,
-    )  # fmt: skip
+    )
     # Stepped once per iteration, so the milestones are given in iterations.
     sched = torch.optim.lr_scheduler.MultiStepLR(
         opt, [m * steps_per_epoch for m in recipe.milestones], gamma=0.1
@@ -161,8 +163,13 @@ def _steps(n_local: int, recipe: LinearRecipe, distributed: bool):
 
 
 def fit_linear(
-    x, y, num_classes: int, recipe: LinearRecipe, distributed: bool = False, device="cpu",
-) -> LinearClassifier:  # fmt: skip
+    x,
+    y,
+    num_classes: int,
+    recipe: LinearRecipe,
+    distributed: bool = False,
+    device="cpu",
+) -> LinearClassifier:
     """
     Train a linear classifier on cached features.
 
@@ -241,9 +248,15 @@ def accuracy(model: nn.Module, x, y, distributed: bool = False, device="cpu") ->
 
 
 def linear_probe(
-    train_x, train_y, val_x, val_y, num_classes: int, recipe: LinearRecipe,
-    distributed: bool = False, device="cpu",
-) -> Dict[str, float]:  # fmt: skip
+    train_x,
+    train_y,
+    val_x,
+    val_y,
+    num_classes: int,
+    recipe: LinearRecipe,
+    distributed: bool = False,
+    device="cpu",
+) -> Dict[str, float]:
     """
     Fit on cached training features, evaluate on validation features: {"top1", "top5"} (%).
     Features and labels as :func:`fit_linear` (``distributed``: every process passes its shards).
@@ -330,10 +343,13 @@ def train_linear_protocol(
     if sampler.steps == 0:
         raise ValueError(f"{len(train_records)} training images: fewer than one batch.")
     loader = DataLoader(
-        ReadoutImages(train_records, train_transform(crop)), sampler=sampler,
-        batch_size=recipe.batch_size // world, num_workers=num_workers, drop_last=True,
+        ReadoutImages(train_records, train_transform(crop)),
+        sampler=sampler,
+        batch_size=recipe.batch_size // world,
+        num_workers=num_workers,
+        drop_last=True,
         persistent_workers=False,
-    )  # fmt: skip
+    )
     model = create_ddp_model_any_device(head, broadcast_buffers=False)
     opt, sched = _optimizer(model, recipe, sampler.steps)
     labels = torch.as_tensor(train_labels, dtype=torch.long)
@@ -347,12 +363,20 @@ def train_linear_protocol(
             loss.backward()
             opt.step()
             sched.step()
-        logger.info(f"linear epoch {epoch + 1}/{recipe.epochs}: loss {loss.item():.3f}, "
-                    f"lr {sched.get_last_lr()[0]:g}")  # fmt: skip
+        logger.info(
+            f"linear epoch {epoch + 1}/{recipe.epochs}: loss {loss.item():.3f}, "
+            f"lr {sched.get_last_lr()[0]:g}"
+        )
         if checkpoint and comm.is_main_process():
             _save(checkpoint, parts, recipe, epoch + 1)
     # Every process scores its shard of the validation images.
-    val = extract_features(encoder, val_records, eval_transform(resize, crop),
-                           num_workers=num_workers, gather=False, name="val")  # fmt: skip
+    val = extract_features(
+        encoder,
+        val_records,
+        eval_transform(resize, crop),
+        num_workers=num_workers,
+        gather=False,
+        name="val",
+    )
     labels = torch.as_tensor(val_labels, dtype=torch.long)[val["index"]]
     return accuracy(head.eval(), val["res5"], labels, distributed=True, device=encoder.device)

@@ -61,9 +61,13 @@ class CellLabels:
 
 
 def localization_probe(
-    train_boxes, val_boxes, cells: int, recipe: LinearRecipe, distributed: bool = False,
+    train_boxes,
+    val_boxes,
+    cells: int,
+    recipe: LinearRecipe,
+    distributed: bool = False,
     device="cpu",
-) -> Dict[str, float]:  # fmt: skip
+) -> Dict[str, float]:
     """
     Args:
         train_boxes, val_boxes: (N * cells, D) per-cell features, image-major (tensors or
@@ -100,9 +104,15 @@ def object_cells(records: List[Dict], resize: int, crop: int, grid: int = 3) -> 
 
 
 def object_cell_probe(
-    train_boxes, train_cells: torch.Tensor, val_boxes, val_cells: torch.Tensor, cells: int,
-    recipe: LinearRecipe, distributed: bool = False, device="cpu",
-) -> Dict[str, float]:  # fmt: skip
+    train_boxes,
+    train_cells: torch.Tensor,
+    val_boxes,
+    val_cells: torch.Tensor,
+    cells: int,
+    recipe: LinearRecipe,
+    distributed: bool = False,
+    device="cpu",
+) -> Dict[str, float]:
     """
     Args:
         train_boxes, val_boxes: (N * cells, D) per-cell features, image-major (tensors or
@@ -113,8 +123,13 @@ def object_cell_probe(
     """
     d = train_boxes.shape[1]
     acc = linear_probe(
-        train_boxes.reshape(-1, cells, d), train_cells, val_boxes.reshape(-1, cells, d),
-        val_cells, 1, recipe, distributed, device,
-    )  # fmt: skip
+        train_boxes.reshape(-1, cells, d),
+        train_cells,
+        val_boxes.reshape(-1, cells, d),
+        val_cells,
+        1,
+        recipe,
+        distributed,
+        device,
+    )
     return {"ObjLoc": acc["top1"]}
-

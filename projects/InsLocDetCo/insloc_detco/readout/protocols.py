@@ -168,9 +168,13 @@ def _distributed() -> bool:
 
 
 def knn_metrics(
-    bank: Features, queries: Features, d: ReadoutData, ks: Sequence[int], temperature: float,
+    bank: Features,
+    queries: Features,
+    d: ReadoutData,
+    ks: Sequence[int],
+    temperature: float,
     device,
-) -> Dict[str, float]:  # fmt: skip
+) -> Dict[str, float]:
     """Weighted kNN of the val images' class among the training images, pooled res5; bank
     and queries compared block by block (:func:`.knn.sharded_knn_accuracy`).
 
@@ -225,9 +229,15 @@ def cell_metrics(
         val_cells = object_cells(d.val, d.resize, d.crop, grid)[torch.as_tensor(val_index)]
         out.update(
             object_cell_probe(
-                train_x["boxes"], train_cells, val_x["boxes"], val_cells, m, recipe,
-                _distributed(), device,
-            )  # fmt: skip
+                train_x["boxes"],
+                train_cells,
+                val_x["boxes"],
+                val_cells,
+                m,
+                recipe,
+                _distributed(),
+                device,
+            )
         )
     return out
 
@@ -306,8 +316,13 @@ def _svm(encoder, s: ReadoutSettings, d: ReadoutData, output_dir: str) -> Dict:
     # features gathered to the main process, which fits the SVMs.
     logger.info(f"[svm] {stage_pooling_mode(d.crop)} pooling at {d.crop} px")
     transform = squash_transform(d.resize, d.crop)
-    kw = dict(stages=s.stages, forward=MultiStagePooling(s.stages), gather="main",
-              batch_size=s.batch_size, num_workers=s.num_workers)  # fmt: skip
+    kw = dict(
+        stages=s.stages,
+        forward=MultiStagePooling(s.stages),
+        gather="main",
+        batch_size=s.batch_size,
+        num_workers=s.num_workers,
+    )
     train = extract_features(encoder, d.train, transform, name=s.train, **kw)
     val = extract_features(encoder, d.val, transform, name=s.val, **kw)
     if not comm.is_main_process():

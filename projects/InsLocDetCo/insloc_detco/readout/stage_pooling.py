@@ -53,7 +53,7 @@ def _fixed_kernel_fits(stage: str, height: int, width: int) -> bool:
 
 
 def stage_pooling_mode(size: int) -> str:
-    """"fixed kernels" at the 224 px the kernels were made for, else "adaptive"."""
+    """ "fixed kernels" at the 224 px the kernels were made for, else "adaptive"."""
     return "fixed kernels" if size == POOL_INPUT_SIZE else "adaptive"
 
 

@@ -112,9 +112,16 @@ def fit_svm(x: np.ndarray, labels: np.ndarray, cost: float, seed: int = 0):
     """The tools' one-vs-rest ``LinearSVC`` on (N, D) float64 features and +1 / -1 labels."""
     linear_svc, _, _ = _sklearn()
     svm = linear_svc(
-        C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2",
-        loss="squared_hinge", dual=True, tol=1e-4, max_iter=2000, random_state=seed,
-    )  # fmt: skip
+        C=cost,
+        class_weight={1: 2, -1: 1},
+        intercept_scaling=1.0,
+        penalty="l2",
+        loss="squared_hinge",
+        dual=True,
+        tol=1e-4,
+        max_iter=2000,
+        random_state=seed,
+    )
     return svm.fit(x, labels)
 
 
@@ -137,9 +144,15 @@ def _test_ap(train_x, train_labels, val_x, val_targets, cost, seed) -> Tuple[flo
 
 
 def svm_per_class(
-    train_x: np.ndarray, train_t: np.ndarray, val_x: np.ndarray, val_t: np.ndarray,
-    costs: Sequence[float] = DEFAULT_COSTS, folds: int = 3, seed: int = 0, n_jobs: int = 1,
-) -> Dict[str, float]:  # fmt: skip
+    train_x: np.ndarray,
+    train_t: np.ndarray,
+    val_x: np.ndarray,
+    val_t: np.ndarray,
+    costs: Sequence[float] = DEFAULT_COSTS,
+    folds: int = 3,
+    seed: int = 0,
+    n_jobs: int = 1,
+) -> Dict[str, float]:
     """
     One class: choose the cost by cross-validation, refit on all of ``train_x``, score ``val_x``.
 
@@ -149,8 +162,9 @@ def svm_per_class(
     Returns:
         {"AP", "AP11" (%, test), "cost", "cv_AP" (%, the chosen cost's cross-validation AP)}.
     """
-    return _per_class_results(train_x, train_t[:, None], val_x, val_t[:, None], costs, folds,
-                              seed, n_jobs)[0]  # fmt: skip
+    return _per_class_results(
+        train_x, train_t[:, None], val_x, val_t[:, None], costs, folds, seed, n_jobs
+    )[0]
 
 
 def _per_class_results(train_x, train_t, val_x, val_t, costs, folds, seed, n_jobs):
@@ -158,21 +172,33 @@ def _per_class_results(train_x, train_t, val_x, val_t, costs, folds, seed, n_job
 
     labels = [svm_train_labels(train_t[:, c]) for c in range(train_t.shape[1])]
     parallel = Parallel(n_jobs=n_jobs)
-    cv = parallel(delayed(cross_validated_ap)(train_x, labels[c], cost, folds, seed)
-                  for c in range(len(labels)) for cost in costs)  # fmt: skip
+    cv = parallel(
+        delayed(cross_validated_ap)(train_x, labels[c], cost, folds, seed)
+        for c in range(len(labels))
+        for cost in costs
+    )
     cv = np.asarray(cv).reshape(len(labels), len(costs))
     best = cv.argmax(axis=1)  # the first of equal APs, in the order of ``costs``
-    test = parallel(delayed(_test_ap)(train_x, labels[c], val_x, val_t[:, c], costs[best[c]],
-                                      seed) for c in range(len(labels)))  # fmt: skip
-    return [{"AP": ap, "AP11": ap11, "cost": costs[b], "cv_AP": 100.0 * float(cv[c, b])}
-            for c, ((ap, ap11), b) in enumerate(zip(test, best))]  # fmt: skip
+    test = parallel(
+        delayed(_test_ap)(train_x, labels[c], val_x, val_t[:, c], costs[best[c]], seed)
+        for c in range(len(labels))
+    )
+    return [
+        {"AP": ap, "AP11": ap11, "cost": costs[b], "cv_AP": 100.0 * float(cv[c, b])}
+        for c, ((ap, ap11), b) in enumerate(zip(test, best))
+    ]
 
 
 def svm_readout(
-    train_feats: Dict[str, torch.Tensor], train_targets: np.ndarray,
-    val_feats: Dict[str, torch.Tensor], val_targets: np.ndarray,
-    costs: Sequence[float] = DEFAULT_COSTS, folds: int = 3, seed: int = 0, n_jobs: int = 1,
-) -> Dict[str, float]:  # fmt: skip
+    train_feats: Dict[str, torch.Tensor],
+    train_targets: np.ndarray,
+    val_feats: Dict[str, torch.Tensor],
+    val_targets: np.ndarray,
+    costs: Sequence[float] = DEFAULT_COSTS,
+    folds: int = 3,
+    seed: int = 0,
+    n_jobs: int = 1,
+) -> Dict[str, float]:
     """
     Args:
         train_feats, val_feats: {stage: (N, D_stage)} pooled features (:mod:`.stage_pooling`).
@@ -185,13 +211,21 @@ def svm_readout(
     out, per_class = {}, {}
     for stage in train_feats:
         rows = _per_class_results(
-            normalize_rows(train_feats[stage]), train_targets, normalize_rows(val_feats[stage]),
-            val_targets, tuple(costs), folds, seed, n_jobs,
-        )  # fmt: skip
+            normalize_rows(train_feats[stage]),
+            train_targets,
+            normalize_rows(val_feats[stage]),
+            val_targets,
+            tuple(costs),
+            folds,
+            seed,
+            n_jobs,
+        )
         per_class[stage] = rows
         out[f"mAP_{stage}"] = float(np.nanmean([r["AP"] for r in rows]))
         out[f"mAP11_{stage}"] = float(np.nanmean([r["AP11"] for r in rows]))
-        logger.info(f"SVM {stage} ({train_feats[stage].shape[1]}-d): mAP (all-point) "
-                    f"{out[f'mAP_{stage}']:.1f}, mAP11 (11-point) {out[f'mAP11_{stage}']:.1f}")
+        logger.info(
+            f"SVM {stage} ({train_feats[stage].shape[1]}-d): mAP (all-point) "
+            f"{out[f'mAP_{stage}']:.1f}, mAP11 (11-point) {out[f'mAP11_{stage}']:.1f}"
+        )
     out["per_class"] = per_class
     return out

@@ -48,9 +48,15 @@ def pretraining_view_transform(size: int) -> _PretrainingView:
 
 
 def view_retrieval(
-    encoder, records: List[Dict], size: int, stages: Sequence[str], seed: int = 0,
-    batch_size: int = 64, num_workers: int = 0, name: str = "",
-) -> Dict[str, float]:  # fmt: skip
+    encoder,
+    records: List[Dict],
+    size: int,
+    stages: Sequence[str],
+    seed: int = 0,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    name: str = "",
+) -> Dict[str, float]:
     """
     The readout on ``records``: two views of each (view v of record i drawn from the torch seed
     ``(2 * seed + v) * 10**7 + i``), features of ``stages`` in every process, the retrieval in
@@ -60,10 +66,19 @@ def view_retrieval(
         {"top1_<stage>": %} in the main process, {} in the others.
     """
     view = pretraining_view_transform(size)
-    a, b = (extract_features(encoder, records, view, stages=stages, batch_size=batch_size,
-                             num_workers=num_workers, name=f"{name} view {v}",
-                             seed=(2 * seed + v) * 10_000_000)
-            for v in (0, 1))  # fmt: skip
+    a, b = (
+        extract_features(
+            encoder,
+            records,
+            view,
+            stages=stages,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            name=f"{name} view {v}",
+            seed=(2 * seed + v) * 10_000_000,
+        )
+        for v in (0, 1)
+    )
     if not comm.is_main_process():
         return {}
     return view_retrieval_top1({k: a[k] for k in stages}, {k: b[k] for k in stages})

@@ -56,9 +56,11 @@ def pretrained_box_head_fits(weights: str, num_conv: int, num_fc: int) -> bool:
     layers = _box_head_layers(os.path.abspath(weights), stat.st_mtime_ns, stat.st_size)
     convs = {n for n in layers if n.startswith("conv")}
     fcs = {n for n in layers if n.startswith("fc")}
-    return bool(layers) and convs == {f"conv{i + 1}" for i in range(num_conv)} and fcs <= {
-        f"fc{i + 1}" for i in range(num_fc)
-    }
+    return (
+        bool(layers)
+        and convs == {f"conv{i + 1}" for i in range(num_conv)}
+        and fcs <= {f"fc{i + 1}" for i in range(num_fc)}
+    )
 
 
 def box_head_for_weights(cfg, weights: str, opts: Sequence[str] = ()):
@@ -76,11 +78,15 @@ def box_head_for_weights(cfg, weights: str, opts: Sequence[str] = ()):
     if head.NAME != FC_NORM_HEAD or "MODEL.ROI_BOX_HEAD.NAME" in list(opts)[::2]:
         return cfg
     if pretrained_box_head_fits(weights, head.NUM_CONV, head.NUM_FC):
-        logger.info(f"Box head {FC_NORM_HEAD} (norm after fc1): the weights bring InsLoc's "
-                    "pretrained box head (InstanceLoc's R_50_FPN_*_insloc.yaml).")  # fmt: skip
+        logger.info(
+            f"Box head {FC_NORM_HEAD} (norm after fc1): the weights bring InsLoc's "
+            "pretrained box head (InstanceLoc's R_50_FPN_*_insloc.yaml)."
+        )
         return cfg
-    logger.info(f"Box head {PLAIN_HEAD} (no norm after fc1): the weights bring no pretrained "
-                "box head (InstanceLoc's R_50_FPN_*_pretrained.yaml).")  # fmt: skip
+    logger.info(
+        f"Box head {PLAIN_HEAD} (no norm after fc1): the weights bring no pretrained "
+        "box head (InstanceLoc's R_50_FPN_*_pretrained.yaml)."
+    )
     cfg = cfg.clone()
     cfg.MODEL.ROI_BOX_HEAD.NAME = PLAIN_HEAD
     return cfg

@@ -181,8 +181,11 @@ def _destination(name: str, target: str) -> Tuple[Optional[str], str]:
     if group == "box_head":
         if target == "fpn":
             return "roi_heads.box_head." + rel, ""
-        return None, {"c4": "C4 detector: res5 is the box head", "any": "ResNet-only target",
-                      "retinanet": "not in RetinaNet"}[target]  # fmt: skip
+        return None, {
+            "c4": "C4 detector: res5 is the box head",
+            "any": "ResNet-only target",
+            "retinanet": "not in RetinaNet",
+        }[target]
     raise AssertionError(name)
 
 

@@ -75,10 +75,12 @@ def _polygons_json(objects: List[Dict]) -> Dict:
     w, h = _SIZE
     road = {"label": _BACKGROUND, "polygon": [[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]}
     shapes = [
-        {"label": DEMO_CITYSCAPES_LABELS[o["class"]],
-         "polygon": [[int(round(x)), int(round(y))] for x, y in o["polygon"]]}
+        {
+            "label": DEMO_CITYSCAPES_LABELS[o["class"]],
+            "polygon": [[int(round(x)), int(round(y))] for x, y in o["polygon"]],
+        }
         for o in objects
-    ]  # fmt: skip
+    ]
     return {"imgHeight": h, "imgWidth": w, "objects": [road] + shapes}
 
 
@@ -123,9 +125,11 @@ def _generate(root: str):
 def _load(root: str, split: str) -> List[Dict]:
     ensure_demo_cityscapes(root)
     return load_cityscapes_instances(
-        os.path.join(root, "leftImg8bit", split), os.path.join(root, "gtFine", split),
-        from_json=True, to_polygons=True,
-    )  # fmt: skip
+        os.path.join(root, "leftImg8bit", split),
+        os.path.join(root, "gtFine", split),
+        from_json=True,
+        to_polygons=True,
+    )
 
 
 def register_demo_cityscapes(root: str = None, prefix: str = "demo_cityscapes"):
@@ -137,10 +141,12 @@ def register_demo_cityscapes(root: str = None, prefix: str = "demo_cityscapes"):
         name = f"{prefix}_fine_instance_seg_{split}"
         DatasetCatalog.register(name, functools.partial(_load, root, split))
         MetadataCatalog.get(name).set(
-            thing_classes=list(builtin.thing_classes), stuff_classes=list(builtin.stuff_classes),
+            thing_classes=list(builtin.thing_classes),
+            stuff_classes=list(builtin.stuff_classes),
             image_dir=os.path.join(root, "leftImg8bit", split),
-            gt_dir=os.path.join(root, "gtFine", split), evaluator_type="cityscapes_instance",
-        )  # fmt: skip
+            gt_dir=os.path.join(root, "gtFine", split),
+            evaluator_type="cityscapes_instance",
+        )
 
 
 if "demo_cityscapes_fine_instance_seg_train" not in DatasetCatalog.list():

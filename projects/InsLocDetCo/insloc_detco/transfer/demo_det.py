@@ -87,8 +87,9 @@ def ensure_demo_det(root: str) -> str:
     return generate_once(root, _is_complete, _generate)
 
 
-def generate_once(root: str, is_complete: Callable[[str], bool],
-                  generate: Callable[[str], None]) -> str:  # fmt: skip
+def generate_once(
+    root: str, is_complete: Callable[[str], bool], generate: Callable[[str], None]
+) -> str:
     """
     Make a generated data set appear at ``root`` whole or not at all: ``generate(tmp)`` writes
     a private folder that is then renamed to ``root``, unless ``is_complete(root)`` already.
@@ -286,8 +287,10 @@ def _with_keypoints(coco: Dict, objects: List[Dict]) -> Dict:
     per category the keypoint names (the same for all three) and the outline as skeleton."""
     n = len(DEMO_DET_KEYPOINT_NAMES)
     skeleton = [[i + 1, (i + 1) % n + 1] for i in range(n)]
-    categories = [{**c, "keypoints": list(DEMO_DET_KEYPOINT_NAMES), "skeleton": skeleton}
-                  for c in coco["categories"]]  # fmt: skip
+    categories = [
+        {**c, "keypoints": list(DEMO_DET_KEYPOINT_NAMES), "skeleton": skeleton}
+        for c in coco["categories"]
+    ]
     annotations = []
     for ann, obj in zip(coco["annotations"], objects):
         count = len(_CORNERS[obj["class"]])
@@ -298,8 +301,14 @@ def _with_keypoints(coco: Dict, objects: List[Dict]) -> Dict:
 def _generate(root: str):
     """Write the whole set under ``root`` (deterministic)."""
     photos = _load_photos()
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main", "SegmentationObject",
-                "SegmentationClass", "annotations"):  # fmt: skip
+    for sub in (
+        "JPEGImages",
+        "Annotations",
+        "ImageSets/Main",
+        "SegmentationObject",
+        "SegmentationClass",
+        "annotations",
+    ):
         os.makedirs(os.path.join(root, sub))
     rng = np.random.default_rng(2021)
     categories = [
@@ -316,8 +325,14 @@ def _generate(root: str):
             file_id = f"{image_id:06d}"
             ids.append(file_id)
             _write_voc_files(root, file_id, image, objects)
-            coco["images"].append({"id": image_id, "file_name": f"{file_id}.jpg",
-                                   "width": image.size[0], "height": image.size[1]})  # fmt: skip
+            coco["images"].append(
+                {
+                    "id": image_id,
+                    "file_name": f"{file_id}.jpg",
+                    "width": image.size[0],
+                    "height": image.size[1],
+                }
+            )
             for obj in objects:
                 coco["annotations"].append(_coco_annotation(ann_id, image_id, obj))
                 ann_id += 1
@@ -352,23 +367,33 @@ def register_demo_det(root: str = None, prefix: str = "demo_det"):
             voc, lambda s=split: load_voc_instances(ensure_demo_det(root), s, DEMO_DET_CLASSES)
         )
         MetadataCatalog.get(voc).set(
-            thing_classes=list(DEMO_DET_CLASSES), dirname=root, split=split,
+            thing_classes=list(DEMO_DET_CLASSES),
+            dirname=root,
+            split=split,
             year=2012,  # VOC2012 AP (area under the curve), not the 11-point VOC07 metric
             evaluator_type="pascal_voc",
-        )  # fmt: skip
+        )
         for fmt, json_name, extra in (
             ("coco", f"instances_{split}.json", {}),
-            ("keypoints", f"keypoints_{split}.json",
-             {"keypoint_names": list(DEMO_DET_KEYPOINT_NAMES),
-              "keypoint_flip_map": list(DEMO_DET_KEYPOINT_FLIP_MAP)}),
-        ):  # fmt: skip
+            (
+                "keypoints",
+                f"keypoints_{split}.json",
+                {
+                    "keypoint_names": list(DEMO_DET_KEYPOINT_NAMES),
+                    "keypoint_flip_map": list(DEMO_DET_KEYPOINT_FLIP_MAP),
+                },
+            ),
+        ):
             name = f"{prefix}_{fmt}_{split}"
             json_file = os.path.join(root, "annotations", json_name)
             DatasetCatalog.register(name, functools.partial(_load_coco, root, json_file, name))
             MetadataCatalog.get(name).set(
-                thing_classes=list(DEMO_DET_CLASSES), json_file=json_file, image_root=image_root,
-                evaluator_type="coco", **extra,
-            )  # fmt: skip
+                thing_classes=list(DEMO_DET_CLASSES),
+                json_file=json_file,
+                image_root=image_root,
+                evaluator_type="coco",
+                **extra,
+            )
 
 
 if "demo_det_voc_train" not in DatasetCatalog.list():

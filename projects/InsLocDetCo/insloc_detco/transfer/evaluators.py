@@ -64,6 +64,7 @@ def _cityscapes_numpy2(evaluation, folder: str):
     Run cityscapesScripts' instance evaluation (module ``evaluation``) on NumPy >= 2.4 (see the
     module doc); relative JSON files go to ``folder``. Everything is restored afterwards.
     """
+
     def write_json(data, file_name):
         def default(o):
             return o.item() if isinstance(o, np.generic) else o.__dict__

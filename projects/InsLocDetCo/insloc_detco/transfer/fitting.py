@@ -44,9 +44,10 @@ def detector_resnet_keys(model_state: Dict[str, torch.Tensor]) -> List[str]:
     """The tensors of a detector's ResNet (stem, res2..res5, wherever the layout keeps them),
     without the ``num_batches_tracked`` counters."""
     return [
-        k for k in model_state
+        k
+        for k in model_state
         if _DETECTOR_RESNET.match(k) and not k.endswith("num_batches_tracked")
-    ]  # fmt: skip
+    ]
 
 
 def _layers(names: Iterable[str], pattern) -> Dict[str, set]:

@@ -159,8 +159,17 @@ def _normalise_layout(sd: Dict, meta_architecture: Optional[str], container: Dic
             return layouts.normalise_torchvision(sd, "backbone.", container)
     elif "conv1.weight" in sd and has("layer1."):
         return layouts.normalise_torchvision(sd, "", container)
-    elif any(has(p) for p in ("stem.", "res2.", "backbone.stem.", "backbone.res2.",
-                              "backbone.bottom_up.", "roi_heads.res5.")):  # fmt: skip
+    elif any(
+        has(p)
+        for p in (
+            "stem.",
+            "res2.",
+            "backbone.stem.",
+            "backbone.res2.",
+            "backbone.bottom_up.",
+            "roi_heads.res5.",
+        )
+    ):
         return layouts.normalise_detectron2(sd, container)
     elif any(_CAFFE2.search(k) for k in sd):
         raise ConversionError(
@@ -189,10 +198,13 @@ def _refuse_two_resnets(sd: Dict):
         k[: -len(stem)]: v
         for k, v in sd.items()
         for stem in ("stem.conv1.weight", "conv1.weight")
-        if k.endswith(stem) and not k.startswith(("encoder_k.", "backbone_k."))
-        and (stem == "stem.conv1.weight" or any(x.startswith(k[: -len(stem)] + "layer1.")
-                                                for x in sd))
-    }  # fmt: skip
+        if k.endswith(stem)
+        and not k.startswith(("encoder_k.", "backbone_k."))
+        and (
+            stem == "stem.conv1.weight"
+            or any(x.startswith(k[: -len(stem)] + "layer1.") for x in sd)
+        )
+    }
     prefixes = sorted(stems)
     first = torch.as_tensor(stems[prefixes[0]]) if prefixes else None
     if any(not torch.equal(torch.as_tensor(stems[p]), first) for p in prefixes):
@@ -202,5 +214,3 @@ def _refuse_two_resnets(sd: Dict):
 
 def _shapes(sd: Dict) -> List[Tuple[str, str]]:
     return [(k, "x".join(map(str, v.shape)) or "scalar") for k, v in sd.items()]
-
-

@@ -21,9 +21,7 @@ __all__ = [
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 # A detectron2 ResNet tensor relative to the ResNet (convs have no bias: they are normalised).
-_D2_RESNET = re.compile(
-    rf"(stem\.conv1|res[2-5]\.\d+\.(conv[1-3]|shortcut))\.(weight|norm\.{_BN})"
-)
+_D2_RESNET = re.compile(rf"(stem\.conv1|res[2-5]\.\d+\.(conv[1-3]|shortcut))\.(weight|norm\.{_BN})")
 _D2_FPN = re.compile(rf"fpn_(lateral|output)([2-6])\.(weight|bias|norm\.{_BN})")
 _D2_BOX_LAYER = re.compile(rf"(conv\d+)\.(weight|bias|norm\.{_BN})|(fc\d+)\.(weight|bias)")
 # mmdetection FPN neck input channels -> detectron2 level (res2..res5 of a ResNet-50).
@@ -174,11 +172,16 @@ def normalise_openselfsup(sd: Dict) -> Transferable:
     """OpenSelfSup runners (DenseCL, its MoCo): ``encoder_q = Sequential(ResNet, neck)``."""
     out = Transferable()
     _take_torchvision_resnet(out, sd, _Q + "0.", "classifier (fc)")
-    out.leave_rest(sd, [
-        (_Q + "1.", "projection neck"), ("encoder_k.", "key (momentum) encoder"),
-        ("backbone.", "the same ResNet again (encoder_q.0 registered twice)"),
-        ("queue", "negative-key queue"), ("head.", "contrastive head"),
-    ])  # fmt: skip
+    out.leave_rest(
+        sd,
+        [
+            (_Q + "1.", "projection neck"),
+            ("encoder_k.", "key (momentum) encoder"),
+            ("backbone.", "the same ResNet again (encoder_q.0 registered twice)"),
+            ("queue", "negative-key queue"),
+            ("head.", "contrastive head"),
+        ],
+    )
     name = "DenseCL" if "queue2" in sd else "OpenSelfSup"
     out.format = f"{name} pretraining checkpoint (ResNet in encoder_q.0)"
     return out
@@ -195,13 +198,18 @@ def normalise_instance_loc(sd: Dict) -> Transferable:
     else:
         _take_mmdet_neck(out, sd)
         _take_mmdet_box_head(out, sd)
-    out.leave_rest(sd, [
-        ("backbone_k.", "key (momentum) encoder"), ("neck_k.", "key (momentum) encoder"),
-        ("roi_head_k.", "key (momentum) encoder"), ("queue", "negative-key queue"),
-        ("roi_head.bbox_head.shared_fcs.", "pretext fc layers after fc1"),
-        ("roi_head.bbox_head.", "projection / embedding head"),
-        ("rpn_head.", "box-augmentation anchors"),
-    ])  # fmt: skip
+    out.leave_rest(
+        sd,
+        [
+            ("backbone_k.", "key (momentum) encoder"),
+            ("neck_k.", "key (momentum) encoder"),
+            ("roi_head_k.", "key (momentum) encoder"),
+            ("queue", "negative-key queue"),
+            ("roi_head.bbox_head.shared_fcs.", "pretext fc layers after fc1"),
+            ("roi_head.bbox_head.", "projection / embedding head"),
+            ("rpn_head.", "box-augmentation anchors"),
+        ],
+    )
     out.meta_architecture = "InsLocC4" if c4 else "InsLocFPN"
     out.format = f"InstanceLoc (mmdetection) R50-{'C4' if c4 else 'FPN'} pretraining checkpoint"
     if not c4 and "box_head" not in out.groups:
@@ -293,16 +301,20 @@ def normalise_detectron2(sd: Dict, container: Dict) -> Transferable:
             rel = k[len("roi_heads.box_head.") :]
             if _D2_BOX_LAYER.fullmatch(rel):
                 out.take("box_head." + rel, v, "roi_heads.box_head." + rel.split(".")[0] + ".", k)
-    out.leave_rest(sd, [
-        ("backbone.top_block.", "RetinaNet's P6/P7 convs"),
-        ("roi_heads.res5.norm.", "extra norm of the fine-tuning recipe"),
-        ("roi_heads.box_head.", "box-head layer of the fine-tuning recipe"),
-        ("roi_heads.box_predictor.", "task-specific head"),
-        ("roi_heads.mask_head.", "task-specific head"),
-        ("roi_heads.keypoint_head.", "task-specific head"),
-        ("proposal_generator.", "task-specific head (RPN)"),
-        ("head.", "task-specific head (RetinaNet)"), ("pixel_", "input normalisation"),
-    ])  # fmt: skip
+    out.leave_rest(
+        sd,
+        [
+            ("backbone.top_block.", "RetinaNet's P6/P7 convs"),
+            ("roi_heads.res5.norm.", "extra norm of the fine-tuning recipe"),
+            ("roi_heads.box_head.", "box-head layer of the fine-tuning recipe"),
+            ("roi_heads.box_predictor.", "task-specific head"),
+            ("roi_heads.mask_head.", "task-specific head"),
+            ("roi_heads.keypoint_head.", "task-specific head"),
+            ("proposal_generator.", "task-specific head (RPN)"),
+            ("head.", "task-specific head (RetinaNet)"),
+            ("pixel_", "input normalisation"),
+        ],
+    )
     author = container.get("author")
     out.format = f"detectron2 {kind}" + (f" (model-zoo file, author '{author}')" if author else "")
     return out

@@ -84,8 +84,9 @@ def _is_conversion(path: str) -> bool:
     return isinstance(data, dict) and data.get("__author__") == AUTHOR
 
 
-def save_model_zoo_pkl(conversion, path: str, source: Optional[str] = None, force: bool = False,
-                       **extra):  # fmt: skip
+def save_model_zoo_pkl(
+    conversion, path: str, source: Optional[str] = None, force: bool = False, **extra
+):
     """
     Write ``{"model", "__author__", "matching_heuristics": True, ...}`` like detectron2's
     model zoo: numpy arrays, readable without torch.

@@ -18,11 +18,17 @@ __all__ = ["COLUMNS", "summarize", "markdown_table"]
 
 # Column name -> (evaluator task, metric).
 COLUMNS = OrderedDict(
-    [("AP", ("bbox", "AP")), ("AP50", ("bbox", "AP50")), ("AP75", ("bbox", "AP75")),
-     ("APmask", ("segm", "AP")), ("APmask50", ("segm", "AP50")),
-     ("APkp", ("keypoints", "AP")), ("APkp50", ("keypoints", "AP50")),
-     ("APkp75", ("keypoints", "AP75"))]
-)  # fmt: skip
+    [
+        ("AP", ("bbox", "AP")),
+        ("AP50", ("bbox", "AP50")),
+        ("AP75", ("bbox", "AP75")),
+        ("APmask", ("segm", "AP")),
+        ("APmask50", ("segm", "AP50")),
+        ("APkp", ("keypoints", "AP")),
+        ("APkp50", ("keypoints", "AP50")),
+        ("APkp75", ("keypoints", "AP75")),
+    ]
+)
 
 
 def summarize(trials: List[Dict]) -> Dict[str, Dict]:
@@ -53,7 +59,13 @@ def markdown_table(results: Dict[str, Dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
         cells = [format_mean_std(r["summary"].get(c), missing="") for c in columns]
-        row = [name, os.path.basename(r["weights"]), str(len(r["trials"])), *cells,
-               r["machine"], r["date"]]  # fmt: skip
+        row = [
+            name,
+            os.path.basename(r["weights"]),
+            str(len(r["trials"])),
+            *cells,
+            r["machine"],
+            r["date"],
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -139,8 +139,12 @@ def check_datasets(cfg, num_machines: int = 1) -> Dict[str, int]:
     counts = {}
     for name in names:
         meta = MetadataCatalog.get(name)
-        source = (meta.get("json_file", None) or meta.get("dirname", None)
-                  or meta.get("gt_dir", None) or "its loader")  # fmt: skip
+        source = (
+            meta.get("json_file", None)
+            or meta.get("dirname", None)
+            or meta.get("gt_dir", None)
+            or "its loader"
+        )
         try:
             dicts = DatasetCatalog.get(name)
         except Exception as e:
@@ -262,17 +266,25 @@ def _run_trials(
         files.append(os.path.join(trial_dir, "results.json"))
         trial_cfg = _trial_config(cfg, pkl, trial_dir, seed + t)
         try:
-            state = prepare_trial_dir(trial_dir, trial_cfg.dump(), weights_sha256, force,
-                                      write=launch.collects_results)  # fmt: skip
+            state = prepare_trial_dir(
+                trial_dir, trial_cfg.dump(), weights_sha256, force, write=launch.collects_results
+            )
         except ValueError as e:
             raise TransferError(f"[{bench.name}] trial {t}: {e}") from None
         if state == "finished":
             logger.info(f"[{bench.name}] trial {t}: finished earlier, skipped ({files[-1]})")
             continue
         solver = trial_cfg.SOLVER
-        info = {"benchmark": bench.name, "trial": t, "seed": seed + t, "weights": pkl,
-                "config": bench.config, "max_iter": solver.MAX_ITER,
-                "ims_per_batch": solver.IMS_PER_BATCH, "base_lr": solver.BASE_LR}  # fmt: skip
+        info = {
+            "benchmark": bench.name,
+            "trial": t,
+            "seed": seed + t,
+            "weights": pkl,
+            "config": bench.config,
+            "max_iter": solver.MAX_ITER,
+            "ims_per_batch": solver.IMS_PER_BATCH,
+            "base_lr": solver.BASE_LR,
+        }
         logger.info(f"[{bench.name}] trial {t} ({state}): seed {seed + t}, {trial_dir}")
         if launch.submits:
             folder = os.path.join(trial_dir, "submitit")

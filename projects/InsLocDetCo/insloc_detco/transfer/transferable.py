@@ -32,7 +32,6 @@ class ConversionError(ValueError):
     """The input is not a checkpoint we can convert, or converting it would write nothing."""
 
 
-
 @dataclass
 class Transferable:
     """

@@ -1,4 +1,5 @@
 """What every contrastive pretraining meta-architecture shares."""
+
 import copy
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 

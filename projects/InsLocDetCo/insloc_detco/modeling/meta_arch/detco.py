@@ -15,6 +15,7 @@ Where the paper is silent (see also ``MODEL.DETCO`` in ``config.py``):
 * The patch sets go through the same backbone as the global views (Sec. 3.3), as one
   (N*G*G, 3, P, P) batch, so their BN statistics are those of a batch of patches.
 """
+
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -151,15 +152,21 @@ class DetCo(ContrastivePretrainer):
         self.local_augmentation = local_augmentation
         channels = {f: backbone.output_shape()[f].channels for f in self.in_features}
         global_heads = nn.ModuleDict(
-            {f: GlobalEmbeddingHead(c, global_hidden_mult * c, self.dim, mlp_norm)
-             for f, c in channels.items()}
-        )  # fmt: skip
+            {
+                f: GlobalEmbeddingHead(c, global_hidden_mult * c, self.dim, mlp_norm)
+                for f, c in channels.items()
+            }
+        )
         local_heads = None
         if global_local:
             local_heads = nn.ModuleDict(
-                {f: PatchSetEmbeddingHead(c, num_patches, local_hidden_mult * c, self.dim, mlp_norm)
-                 for f, c in channels.items()}
-            )  # fmt: skip
+                {
+                    f: PatchSetEmbeddingHead(
+                        c, num_patches, local_hidden_mult * c, self.dim, mlp_norm
+                    )
+                    for f, c in channels.items()
+                }
+            )
         self.encoder_q = DetCoEncoder(backbone, global_heads, local_heads)
         self.init_key_encoder()
         self.queues = self.build_queues(("g", "l") if global_local else ("g",))
@@ -168,10 +175,13 @@ class DetCo(ContrastivePretrainer):
         """``queues[kind][stage]``: e.g. ``queues["g"]["res3"]`` holds the negatives of the
         global embeddings of res3 (Queue_g of Fig. 2)."""
         return nn.ModuleDict(
-            {kind: nn.ModuleDict({f: ContrastiveQueue(self.dim, self.queue_size)
-                                  for f in self.in_features})
-             for kind in kinds}
-        )  # fmt: skip
+            {
+                kind: nn.ModuleDict(
+                    {f: ContrastiveQueue(self.dim, self.queue_size) for f in self.in_features}
+                )
+                for kind in kinds
+            }
+        )
 
     @classmethod
     def from_config(cls, cfg):

@@ -7,6 +7,7 @@ composite of the same instance (Eq. 2). Each level with a loss has its own queue
 cheating across levels" (Sec. 4.3), and the losses are summed. The encoders live in
 ``insloc_fpn.py`` and ``insloc_c4.py``.
 """
+
 from typing import Dict, List, Optional, Sequence
 
 import torch

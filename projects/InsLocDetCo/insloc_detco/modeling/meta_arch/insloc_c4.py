@@ -8,6 +8,7 @@ pooler resolution (``MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION``, 14), then res5 buil
 v2 MLP -> 128. Transfer names: ``encoder_q.backbone.*`` -> ``backbone.*`` and
 ``encoder_q.res5.*`` -> ``roi_heads.res5.*``; only ``encoder_q.head`` is pretraining-only.
 """
+
 from typing import Dict
 
 import torch

@@ -6,6 +6,7 @@ The encoder is made of detectron2's own blocks so that pretrained tensors transf
 ``fc1``) -> ``roi_heads.box_head.*``. Only ``encoder_q.embed`` (fc2, fc3) is pretraining-only.
 The training step is :class:`~.insloc.InstanceLocalization`.
 """
+
 from typing import Dict, Sequence
 
 import torch
@@ -85,9 +86,11 @@ class InsLocFPN(InstanceLocalization):
         r = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
         box_head = FastRCNNConvFCHead(cfg, ShapeSpec(channels=channels.pop(), height=r, width=r))
         embed = ProjectionMLP(
-            box_head.output_shape.channels, cfg.MODEL.INSLOC.FC_DIM, cfg.MODEL.CONTRAST.DIM,
+            box_head.output_shape.channels,
+            cfg.MODEL.INSLOC.FC_DIM,
+            cfg.MODEL.CONTRAST.DIM,
             cfg.MODEL.CONTRAST.MLP_NORM,
-        )  # fmt: skip
+        )
         return FPNBoxEncoder(
             backbone, in_features, poolers, box_head, embed, roi_align=cfg.MODEL.INSLOC.ROI_ALIGN
         )

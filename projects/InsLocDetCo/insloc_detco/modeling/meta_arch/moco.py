@@ -1,4 +1,5 @@
 """MoCo v2 on a detectron2 ResNet (Chen et al. 2020): the baseline of InsLoc and DetCo."""
+
 from typing import Dict, List
 
 import torch
@@ -38,9 +39,14 @@ class MoCoV2(ContrastivePretrainer):
 
     @configurable
     def __init__(
-        self, *, backbone: Backbone, in_feature: str, mlp_hidden_dim: int, mlp_norm: str = "",
+        self,
+        *,
+        backbone: Backbone,
+        in_feature: str,
+        mlp_hidden_dim: int,
+        mlp_norm: str = "",
         **kwargs,
-    ):  # fmt: skip
+    ):
         """
         Args:
             backbone: a detectron2 backbone (ResNet) whose outputs include ``in_feature``.
