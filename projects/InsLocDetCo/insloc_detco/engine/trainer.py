@@ -118,9 +118,11 @@ class DeviceAgnosticTrainer(DefaultTrainer):
     def build_cluster_hooks(self):
         """Step counting for the lost-rank watchdog and save-then-exit on preemption signals
         (after the periodic checkpointer; the ranks agree every ``SOLVER.LOG_PERIOD``
-        iterations, where the losses are read back anyway)."""
+        iterations, where the losses are read back anyway). Transfer configs are detectron2's,
+        without that key: they agree every 20 iterations, the period of detectron2's writers."""
         solver = self.cfg.SOLVER
-        preemption = PreemptionHook(self.checkpointer, solver.CHECKPOINT_PERIOD, solver.LOG_PERIOD)
+        agree_period = solver.get("LOG_PERIOD", 20)
+        preemption = PreemptionHook(self.checkpointer, solver.CHECKPOINT_PERIOD, agree_period)
         return [ProgressHook(), preemption]
 
     def build_checkpoint_hook(self):
