@@ -12,6 +12,30 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from insloc_detco.engine import launch
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The photometric augmentation switched off: tests of reading and geometry compare pixels.
+NO_PHOTOMETRIC = (
+    "INPUT.PRETRAIN.COLOR_JITTER_PROB",
+    0.0,
+    "INPUT.PRETRAIN.GRAYSCALE_PROB",
+    0.0,
+    "INPUT.PRETRAIN.BLUR_PROB",
+    0.0,
+)
+
+
+def tiny_finetune(iterations: int = 4) -> list:
+    """Overrides that make one demo fine-tuning trial take seconds: ``iterations`` steps, the lr
+    step before the last, one warm-up iteration, one PreciseBN batch."""
+    return [
+        "SOLVER.MAX_ITER",
+        str(iterations),
+        "SOLVER.STEPS",
+        f"({iterations - 1},)",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "TEST.PRECISE_BN.NUM_ITER",
+        "1",
+    ]
 
 
 def run_distributed(fn, world_size: int = 2, args=()):

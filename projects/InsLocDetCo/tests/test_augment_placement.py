@@ -5,6 +5,7 @@ import torch
 from conftest import load_config
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from insloc_testing import NO_PHOTOMETRIC
 
 from insloc_detco.data import build_pretrain_mapper, get_pretrain_dataset_dicts
 from insloc_detco.data.augmentation import PhotometricAugmentation, photometric_on_device
@@ -76,12 +77,7 @@ def test_device_flip_moves_the_insloc_boxes():
         "device",
         "INPUT.PRETRAIN.FLIP_PROB",
         1.0,
-        "INPUT.PRETRAIN.COLOR_JITTER_PROB",
-        0.0,
-        "INPUT.PRETRAIN.GRAYSCALE_PROB",
-        0.0,
-        "INPUT.PRETRAIN.BLUR_PROB",
-        0.0,
+        *NO_PHOTOMETRIC,
     )
     model = build_model(cfg).train()
     views = [torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8) for _ in range(2)]
@@ -95,16 +91,7 @@ def test_device_flip_moves_the_insloc_boxes():
 def test_detco_device_path_cuts_patches_like_the_loader():
     """Same crops, offsets and order: the device cut equals the loader's patches (no
     photometric change, so the two placements must agree pixel for pixel)."""
-    off = [
-        "INPUT.PRETRAIN.COLOR_JITTER_PROB",
-        0.0,
-        "INPUT.PRETRAIN.GRAYSCALE_PROB",
-        0.0,
-        "INPUT.PRETRAIN.BLUR_PROB",
-        0.0,
-        "INPUT.PRETRAIN.FLIP_PROB",
-        0.0,
-    ]
+    off = [*NO_PHOTOMETRIC, "INPUT.PRETRAIN.FLIP_PROB", 0.0]
     cfg = load_config(CONFIGS["detco"], "INPUT.PRETRAIN.AUGMENT_ON", "device", *off)
     torch.manual_seed(0)
     _, batch = _mapped(cfg, n=2)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import load_config
 from detectron2.utils.events import EventStorage
-from insloc_testing import run_train_net
+from insloc_testing import NO_PHOTOMETRIC, run_train_net
 from PIL import Image, ImageFile
 
 from insloc_detco.data import (
@@ -36,15 +36,6 @@ MAPPERS = {
     ),
     "detco": ("instant_test/pretrain_detco.yaml",),
 }
-# What is tested is reading; photometric augmentation would only cost time.
-NO_COLOUR = (
-    "INPUT.PRETRAIN.COLOR_JITTER_PROB",
-    0.0,
-    "INPUT.PRETRAIN.GRAYSCALE_PROB",
-    0.0,
-    "INPUT.PRETRAIN.BLUR_PROB",
-    0.0,
-)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -115,7 +106,7 @@ def _loader_cfg(mapper, root, *opts):
         0,
         "SOLVER.IMS_PER_BATCH",
         4,
-        *NO_COLOUR,
+        *NO_PHOTOMETRIC,
         *opts,
     )
 
@@ -163,7 +154,7 @@ def test_large_sparse_corpus_never_aborts(mapper, fraction, monkeypatch):
 
     monkeypatch.setattr("insloc_detco.data.mapper.read_rgb_image", fake_read)
     dicts = [{"file_name": n, "image_id": i} for i, n in enumerate(names)]
-    m = build_pretrain_mapper(load_config(*MAPPERS[mapper], *NO_COLOUR), dicts)
+    m = build_pretrain_mapper(load_config(*MAPPERS[mapper], *NO_PHOTOMETRIC), dicts)
     torch.manual_seed(0)
     skipped = 0
     for index in rng.integers(0, len(dicts), 400):
@@ -195,7 +186,7 @@ def test_unreadable_files_are_not_drawn_again(cfg_loader, tmp_path):
     """1 good image among 30 bad: each bad one is read at most once per worker for replacements
     and backgrounds, so InsLoc's three images per sample cost no endless re-reads."""
     root = _corpus(tmp_path, 1, 30)
-    cfg = cfg_loader(*MAPPERS["insloc_dataset_bg"], *NO_COLOUR)
+    cfg = cfg_loader(*MAPPERS["insloc_dataset_bg"], *NO_PHOTOMETRIC)
     dicts = get_pretrain_dataset_dicts([f"folder:{root}"])
     mapper = build_pretrain_mapper(cfg, dicts)
     reads = []

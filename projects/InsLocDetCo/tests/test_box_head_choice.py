@@ -6,6 +6,7 @@ import fake_checkpoints
 import pytest
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from insloc_testing import tiny_finetune
 
 from insloc_detco.transfer import load_transfer_config
 from insloc_detco.transfer.benchmarks import BENCHMARKS
@@ -87,16 +88,7 @@ def test_chosen_detectors_load_their_weights(fakes, tmp_path):
 def test_run_records_the_choice(tmp_path):
     """The trial's config.yaml says which head a run used (random init: no norm after fc1)."""
     out = str(tmp_path / "transfer")
-    opts = [
-        "SOLVER.MAX_ITER",
-        "2",
-        "SOLVER.STEPS",
-        "(1,)",
-        "SOLVER.WARMUP_ITERS",
-        "1",
-        "TEST.PRECISE_BN.NUM_ITER",
-        "1",
-    ]
+    opts = tiny_finetune(2)
     run_benchmarks(RANDOM_INIT, [BENCHMARKS["demo_coco_fpn"]], out, trials=1, opts=opts)
     cfg = get_cfg()
     cfg.merge_from_file(os.path.join(out, "demo_coco_fpn", "trial0", "config.yaml"))

@@ -18,6 +18,16 @@ from insloc_detco.checkpoint import verify_checksum
 pytestmark = pytest.mark.slow
 
 CONFIG = "instant_test/pretrain_moco_v2.yaml"
+# A job of two CPU tasks on submitit's local executor (real processes, no cluster).
+LOCAL_JOB = [
+    "--slurm",
+    "--submitit-cluster",
+    "local",
+    "--gpus-per-node",
+    "0",
+    "--tasks-per-node",
+    "2",
+]
 
 
 def _opts(out, max_iter=6, period=100):
@@ -191,20 +201,7 @@ def test_preempted_torchrun_run_resumes_to_the_same_state(reference, tmp_path):
 
 
 def test_submitit_local_job_is_preempted_requeued_and_resumes(reference, tmp_path):
-    cmd = [
-        sys.executable,
-        "train_net.py",
-        "--slurm",
-        "--submitit-cluster",
-        "local",
-        "--gpus-per-node",
-        "0",
-        "--tasks-per-node",
-        "2",
-        "--time",
-        "30",
-        *_opts(tmp_path),
-    ]
+    cmd = [sys.executable, "train_net.py", *LOCAL_JOB, "--time", "30", *_opts(tmp_path)]
     # Not a pipe: the job's controller inherits it, and a pipe would stay open until its end.
     with open(tmp_path / "submit.txt", "w") as f:
         submitter = subprocess.run(
@@ -244,19 +241,7 @@ def test_a_submitting_launch_runs_each_call_as_a_job_whose_tasks_join(tmp_path, 
 
     parser = argparse.ArgumentParser()
     add_launch_arguments(parser, slurm=True)
-    options = [
-        "--slurm",
-        "--submitit-cluster",
-        "local",
-        "--gpus-per-node",
-        "0",
-        "--tasks-per-node",
-        "2",
-        "--time",
-        "10",
-        "--dist-timeout",
-        "60",
-    ]
+    options = [*LOCAL_JOB, "--time", "10", "--dist-timeout", "60"]
     launch = Launch.from_args(parser.parse_args(options))
     for k, v in _env().items():  # the job's processes inherit this environment
         monkeypatch.setenv(k, v)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_config
+from insloc_testing import NO_PHOTOMETRIC
 from PIL import Image
 
 from insloc_detco.data import build_pretrain_train_loader
@@ -19,12 +20,7 @@ FIXED = (
     str(S),
     "INPUT.PRETRAIN.COPY_PASTE.PASTE_SIZE",
     "(64, 127)",
-    "INPUT.PRETRAIN.COLOR_JITTER_PROB",
-    "0.0",
-    "INPUT.PRETRAIN.GRAYSCALE_PROB",
-    "0.0",
-    "INPUT.PRETRAIN.BLUR_PROB",
-    "0.0",
+    *NO_PHOTOMETRIC,
 )
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (90,) * 3]
 

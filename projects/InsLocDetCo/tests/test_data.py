@@ -6,6 +6,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.utils.events import EventStorage
+from insloc_testing import NO_PHOTOMETRIC
 from PIL import Image, ImageOps
 
 from insloc_detco.data import (
@@ -132,15 +133,7 @@ def test_moco_mapper_outputs(cfg_loader, tmp_path):
 
 
 def test_moco_mapper_rgb_order_without_photometric_aug(cfg_loader, tmp_path):
-    cfg = _mapper_cfg(
-        cfg_loader,
-        "INPUT.PRETRAIN.COLOR_JITTER_PROB",
-        0.0,
-        "INPUT.PRETRAIN.GRAYSCALE_PROB",
-        0.0,
-        "INPUT.PRETRAIN.BLUR_PROB",
-        0.0,
-    )
+    cfg = _mapper_cfg(cfg_loader, *NO_PHOTOMETRIC)
     img = np.zeros((80, 80, 3), np.uint8)
     img[..., 0], img[..., 1], img[..., 2] = 200, 100, 10
     out = MoCoV2Mapper(cfg)({"file_name": _save(tmp_path / "c.png", img), "image_id": 0})

@@ -19,7 +19,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from insloc_testing import run_train_net
+from insloc_testing import run_train_net, tiny_finetune
 from torch import nn
 
 from insloc_detco.engine.runs import RANDOM_INIT, Launch
@@ -43,17 +43,7 @@ RECIPES = sorted(
     for p in glob.glob(os.path.join(TRANSFER_DIR, "**", "*.yaml"), recursive=True)
     if not os.path.basename(p).startswith(("Base-", "Instant-"))
 )
-# Overrides that make one demo trial take seconds: 4 iterations, 1 PreciseBN batch.
-TINY = [
-    "SOLVER.MAX_ITER",
-    "4",
-    "SOLVER.STEPS",
-    "(3,)",
-    "SOLVER.WARMUP_ITERS",
-    "1",
-    "TEST.PRECISE_BN.NUM_ITER",
-    "1",
-]
+TINY = tiny_finetune(4)
 
 
 def _eval_transfer():
@@ -235,16 +225,7 @@ def test_detco_tasks_run_and_report_their_metrics(name, columns, tmp_path):
     semi-supervised Mask R-CNN fine-tune from random init on generated data and report their
     evaluator's numbers."""
     out = str(tmp_path / "transfer")
-    opts = [
-        "SOLVER.MAX_ITER",
-        "2",
-        "SOLVER.STEPS",
-        "(1,)",
-        "SOLVER.WARMUP_ITERS",
-        "1",
-        "TEST.PRECISE_BN.NUM_ITER",
-        "1",
-    ]
+    opts = tiny_finetune(2)
     result = run_benchmarks(RANDOM_INIT, [BENCHMARKS[name]], out, trials=1, opts=opts)[name]
     assert set(result["summary"]) == columns
     assert all(0 <= s["mean"] <= 100 for s in result["summary"].values())
@@ -500,7 +481,7 @@ def test_run_takes_an_official_moco_checkpoint(tmp_path):
     ckpt = str(tmp_path / "moco_v1_200ep_pretrain.pth.tar")
     torch.save({"epoch": 200, "arch": "resnet50", "state_dict": state}, ckpt)
     out = str(tmp_path / "transfer")
-    opts = TINY[:1] + ["2"] + TINY[2:3] + ["(1,)"] + TINY[4:]
+    opts = tiny_finetune(2)
     assert (
         _eval_transfer().main(
             ["run", ckpt, "--benchmark", "demo_voc_c4", "--trials", "1", "--output-dir", out, *opts]
