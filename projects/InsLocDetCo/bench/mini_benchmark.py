@@ -154,8 +154,8 @@ def pretrain_command(method: str, seed: int, args, out: str, pool: str):
         args.queue_size,
         args.device,
         args.num_gpus,
-        checkpoint_period=args.pretrain_iters,
-        opts=opts,  # the final checkpoint only
+        checkpoint_period=args.pretrain_iters,  # the final checkpoint only
+        opts=opts,
     )
 
 
