@@ -245,7 +245,8 @@ def _rendezvous(p: LaunchedProcess, timeout: timedelta):
     deadline = time.monotonic() + timeout.total_seconds()
     while True:
         try:
-            return next(dist.rendezvous("env://", p.rank, p.world_size, timeout=timeout))[0]
+            left = timedelta(seconds=max(deadline - time.monotonic(), 1.0))
+            return next(dist.rendezvous("env://", p.rank, p.world_size, timeout=left))[0]
         except Exception as e:
             if "EADDRINUSE" not in str(e) or time.monotonic() + _PORT_RETRY_S > deadline:
                 raise
