@@ -60,7 +60,15 @@ class ContrastiveQueue(nn.Module):
         Args:
             keys: (N, dim) keys of this rank; N * world_size keys are written.
         """
-        keys = concat_all_gather(keys.detach())
+        self.write(concat_all_gather(keys.detach()))
+
+    @torch.no_grad()
+    def write(self, keys: torch.Tensor):
+        """
+        Args:
+            keys: (M, dim) keys of all ranks, written at the write position (no gathering:
+                what :meth:`enqueue` does after its all-gather; device ops only, no host sync).
+        """
         n = keys.shape[0]
         if n > self.size:  # only the newest `size` keys can be kept
             keys, n = keys[-self.size :], self.size
