@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 from typing import Iterable
+from unittest import mock
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from insloc_detco.engine import launch
+from insloc_detco.modeling.contrastive import info_nce
+from insloc_detco.modeling.meta_arch import base
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The photometric augmentation switched off: tests of reading and geometry compare pixels.
@@ -72,3 +75,30 @@ def registered_for_the_test(names: Iterable[str]):
         for name in names:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
+
+
+class TermSpy:
+    """Records what each InfoNCE term (``info_nce``, called by ``model.info_nce_terms`` in the
+    order of ``model.contrast_terms``) and ``model.encode_keys`` saw and returned."""
+
+    def __init__(self, model):
+        self.calls, self.keys = {}, None
+        info_nce_terms, encode_keys = model.info_nce_terms, model.encode_keys
+
+        def spy_info_nce_terms(q, k, negatives):
+            terms = iter(model.contrast_terms)
+
+            def spy_info_nce(q, k, negatives, temperature):
+                loss, logits = info_nce(q, k, negatives, temperature)
+                record = {"k": k.detach().clone(), "negatives": negatives, "loss": loss}
+                self.calls[next(terms).metric] = record
+                return loss, logits
+
+            with mock.patch.object(base, "info_nce", spy_info_nce):
+                return info_nce_terms(q, k, negatives)
+
+        def spy_encode_keys(*inputs):
+            self.keys = encode_keys(*inputs)
+            return self.keys
+
+        model.info_nce_terms, model.encode_keys = spy_info_nce_terms, spy_encode_keys

@@ -11,7 +11,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 from detectron2.utils.events import EventStorage
-from insloc_testing import run_train_net
+from insloc_testing import TermSpy, run_train_net
 
 STAGES = ("res2", "res3", "res4", "res5")
 TERMS = ("gg", "ll", "lg")
@@ -49,25 +49,6 @@ def tiny_batch(with_patches=True, seed=1):
     return batch
 
 
-class Spy:
-    """Records what ``model.contrast`` and ``model.encode_keys`` saw and returned."""
-
-    def __init__(self, model):
-        self.calls, self.keys = {}, None
-        contrast, encode_keys = model.contrast, model.encode_keys
-
-        def spy_contrast(name, q, k, negatives):
-            loss = contrast(name, q, k, negatives)
-            self.calls[name] = {"k": k.detach().clone(), "negatives": negatives, "loss": loss}
-            return loss
-
-        def spy_encode_keys(*inputs):
-            self.keys = encode_keys(*inputs)
-            return self.keys
-
-        model.contrast, model.encode_keys = spy_contrast, spy_encode_keys
-
-
 def queue_snapshot(model):
     return {(kind, f): q.keys.clone() for kind, qs in model.queues.items() for f, q in qs.items()}
 
@@ -79,7 +60,7 @@ TERM_WEIGHTS = [1.0, 0.5, 0.25]  # distinct, so that a mix-up of terms shows
 def step():
     """One training step of a full DetCo, with what its InfoNCE terms and queues saw."""
     model = tiny_model("MODEL.DETCO.TERM_WEIGHTS", TERM_WEIGHTS)
-    spy = Spy(model)
+    spy = TermSpy(model)
     before = queue_snapshot(model)
     with EventStorage(0) as storage:
         losses = model(tiny_batch())

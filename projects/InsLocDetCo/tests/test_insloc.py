@@ -7,6 +7,7 @@ from detectron2 import model_zoo
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import EventStorage
+from insloc_testing import TermSpy
 
 from insloc_detco.data.box_aug import AnchorBoxAugmentation
 
@@ -220,28 +221,18 @@ def test_query_and_key_boxes(kind, box_aug):
 def test_per_level_queues_are_independent():
     model = tiny_model("fpn").train()
     before = {f: q.keys.clone() for f, q in model.queues.items()}
-    negatives, keys = {}, {}
-    contrast, encode_keys = model.contrast, model.encode_keys
-
-    def spy_contrast(name, q, k, neg):
-        negatives[name.split("_")[-1]] = neg
-        return contrast(name, q, k, neg)
-
-    def spy_encode_keys(*inputs):
-        keys.update(encode_keys(*inputs))
-        return keys
-
-    model.contrast, model.encode_keys = spy_contrast, spy_encode_keys
+    spy = TermSpy(model)
     with EventStorage(0):
         model(random_batch())
     levels = model.in_features
     assert len({model.queues[f].keys.data_ptr() for f in levels}) == len(levels)
     for f in levels:
-        assert torch.equal(negatives[f], before[f]), f"{f} was contrasted with another queue"
-        assert torch.equal(model.queues[f].keys[:N], keys[f]), f"{f} queue got other keys"
+        negatives = spy.calls[f"insloc_{f}"]["negatives"]
+        assert torch.equal(negatives, before[f]), f"{f} was contrasted with another queue"
+        assert torch.equal(model.queues[f].keys[:N], spy.keys[f]), f"{f} queue got other keys"
         assert torch.equal(model.queues[f].keys[N:], before[f][N:])
         assert int(model.queues[f].ptr) == N
-    assert not torch.allclose(keys["p2"], keys["p5"])  # levels really differ
+    assert not torch.allclose(spy.keys["p2"], spy.keys["p5"])  # levels really differ
 
 
 @pytest.mark.slow

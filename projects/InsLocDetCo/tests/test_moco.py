@@ -4,6 +4,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from insloc_detco.data import MoCoV2Mapper, get_pretrain_dataset_dicts
+from insloc_detco.modeling.meta_arch.base import ContrastTerm
 
 
 def _batch(cfg, n):
@@ -83,3 +84,12 @@ def test_accuracy_is_recorded_every_metrics_period(cfg_loader):
             model(batch)
             recorded.append("[metric]acc/moco" in storage.histories())
     assert recorded == [True, False, False, True]
+
+
+def test_a_contrast_term_must_name_a_queue(cfg_loader):
+    model = build_model(cfg_loader("instant_test/pretrain_moco_v2.yaml"))
+    term = ContrastTerm("moco", "loss_contrast", "moco", "moco", "queues.moco")
+    with pytest.raises(AssertionError, match="no queue 'queues.moco'"):
+        model.set_contrast_terms([term], [("moco", "queue")])
+    with pytest.raises(AssertionError, match="no queue 'encoder_q'"):
+        model.set_contrast_terms([], [("moco", "encoder_q")])

@@ -94,7 +94,7 @@ class DeviceMetricsTrainer(SimpleTrainer):
 
     def accumulate(self, loss_dict: Dict[str, torch.Tensor]):
         """Add this step's losses to the running sums, on the device (two small kernels)."""
-        values = torch.stack([v.detach().float() for v in loss_dict.values()])
+        values = torch.stack(list(loss_dict.values())).detach().float()
         if self._sums is None:
             self._names, self._sums = list(loss_dict), values
         else:

@@ -1,6 +1,7 @@
 """What every contrastive pretraining meta-architecture shares."""
 
 import copy
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -8,12 +9,41 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ...data.augmentation import PhotometricAugmentation, photometric_on_device
-from ..contrastive import contrastive_accuracy, encode_with_shuffle_bn, info_nce, momentum_update
+from ..contrastive import (
+    ContrastiveQueue,
+    concat_all_gather,
+    contrastive_accuracy,
+    encode_with_shuffle_bn,
+    info_nce,
+    momentum_update,
+)
 
-__all__ = ["ContrastivePretrainer", "contrastive_args_from_config", "channels_last_from_config"]
+__all__ = [
+    "ContrastivePretrainer",
+    "ContrastTerm",
+    "contrastive_args_from_config",
+    "channels_last_from_config",
+]
 
 # A batch of same-shaped tensors: stacked (N, ...) or a list of N.
 ImageBatch = Union[torch.Tensor, List[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ContrastTerm:
+    """
+    One InfoNCE term of a method's loss: query embedding ``query`` against the positive key
+    embedding ``key`` and the negatives of the queue ``queue`` (a ``ContrastiveQueue``'s
+    module name), times ``weight``; ``loss`` names it in the loss dict, ``metric`` its
+    accuracy.
+    """
+
+    metric: str
+    loss: str
+    query: str
+    key: str
+    queue: str
+    weight: float = 1.0
 
 
 def channels_last_from_config(cfg) -> bool:
@@ -49,9 +79,9 @@ def contrastive_args_from_config(cfg, randaugment: bool = True) -> Dict:
 class ContrastivePretrainer(nn.Module):
     """
     Base of the query/key (momentum) encoder models. A subclass builds ``self.encoder_q``,
-    calls :meth:`init_key_encoder`, and implements ``forward``; the pieces of a MoCo step are
-    here: normalise the views, update the key encoder, encode keys with shuffle-BN, and
-    compute/log one InfoNCE term.
+    calls :meth:`init_key_encoder` and :meth:`set_contrast_terms`, and implements ``forward``;
+    the pieces of a MoCo step are here: normalise the views, update the key encoder, encode
+    keys with shuffle-BN, compute and log the InfoNCE terms, enqueue the keys.
     """
 
     def __init__(
@@ -165,12 +195,16 @@ class ContrastivePretrainer(nn.Module):
     def compile_step(self, **compile_kwargs):
         """
         The fast path: ``torch.compile(**compile_kwargs)`` of what a step runs most, the query
-        and key encoders (forward and backward) and the fixed-shape part of the on-device
-        augmentation (``PhotometricAugmentation.transform``). In place: parameter names,
-        checkpoints and the step's definition are unchanged; the random draws stay eager.
+        and key encoders (forward and backward), all InfoNCE terms (:meth:`info_nce_terms`,
+        forward and backward), the queue writes (:meth:`write_queues`) and the fixed-shape part
+        of the on-device augmentation (``PhotometricAugmentation.transform``). In place:
+        parameter names, checkpoints and the step's definition are unchanged; the random draws
+        and the collectives stay eager.
         """
         self.encoder_q.compile(**compile_kwargs)
         self.encoder_k.compile(**compile_kwargs)
+        self.info_nce_terms = torch.compile(self.info_nce_terms, **compile_kwargs)
+        self.write_queues = torch.compile(self.write_queues, **compile_kwargs)
         for augmentation in self.device_augmentations():
             augmentation.transform = torch.compile(augmentation.transform, **compile_kwargs)
 
@@ -187,21 +221,86 @@ class ContrastivePretrainer(nn.Module):
             self.encoder_k, *inputs, single_process_splits=self.single_process_bn_splits
         )
 
-    def contrast(
-        self, name: str, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor
-    ) -> torch.Tensor:
+    def set_contrast_terms(
+        self, terms: Sequence[ContrastTerm], enqueued: Sequence[Tuple[str, str]]
+    ):
         """
-        One InfoNCE term; its top-1 accuracy goes to the event storage as ``[metric]acc/<name>``
-        every ``metrics_period`` iterations (printed on the console next to the losses).
+        Declare the method's loss (called once by the subclass, after its queues exist).
 
         Args:
-            q, k: (N, D) unit-norm queries and positive keys; negatives: (K, D).
-        Returns:
-            scalar loss.
+            terms: the InfoNCE terms, in the order of the loss dict.
+            enqueued: (key embedding, queue) pairs: after the losses, the key embedding is
+                written to the queue (``ContrastiveQueue`` module name, e.g. ``queues.p2``).
         """
-        loss, logits = info_nce(q, k, negatives, self.temperature)
+        self.contrast_terms = list(terms)
+        self.enqueued = list(enqueued)
+        modules = dict(self.named_modules())
+        for queue in [t.queue for t in self.contrast_terms] + [q for _, q in self.enqueued]:
+            assert isinstance(modules.get(queue), ContrastiveQueue), f"no queue {queue!r}"
+        # The queues holding negatives, each once, in the order of the negatives' snapshot.
+        self.negative_queues = list(dict.fromkeys(t.queue for t in self.contrast_terms))
+
+    def contrastive_losses(
+        self, q: Dict[str, torch.Tensor], k: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
+        """
+        The method's InfoNCE terms (:meth:`set_contrast_terms`), then the keys' enqueue.
+
+        Each term's top-1 accuracy goes to the event storage as ``[metric]acc/<metric>`` every
+        ``metrics_period`` iterations (one read-back for all terms, printed next to the
+        losses).
+
+        Args:
+            q, k: query and key embeddings {name: (N, D)}, unit-norm.
+        Returns:
+            {loss name: weighted scalar loss}.
+        """
+        # A snapshot of the negatives: the enqueue below must not change what autograd saved.
+        negatives = torch.cat([self.get_submodule(name).keys for name in self.negative_queues])
+        losses, accuracies = self.info_nce_terms(q, k, negatives)
         if self.training:
             storage = get_event_storage()
             if storage.iter % self.metrics_period == 0:
-                storage.put_scalar(f"[metric]acc/{name}", contrastive_accuracy(logits))
-        return loss
+                for term, accuracy in zip(self.contrast_terms, accuracies.tolist()):
+                    storage.put_scalar(f"[metric]acc/{term.metric}", accuracy)
+        self.enqueue_keys(k)
+        return dict(zip([t.loss for t in self.contrast_terms], losses.unbind()))
+
+    def info_nce_terms(
+        self, q: Dict[str, torch.Tensor], k: Dict[str, torch.Tensor], negatives: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            q, k: as for :meth:`contrastive_losses`.
+            negatives: the keys of ``negative_queues``, concatenated.
+        Returns:
+            (T,) weighted losses and (T,) top-1 accuracies (%) of the T terms. Fixed shapes,
+            no host sync: the fast path compiles it into one graph (forward and backward).
+        """
+        sizes = [self.get_submodule(name).size for name in self.negative_queues]
+        by_queue = dict(zip(self.negative_queues, negatives.split(sizes)))
+        losses, accuracies = [], []
+        for term in self.contrast_terms:
+            loss, logits = info_nce(
+                q[term.query], k[term.key], by_queue[term.queue], self.temperature
+            )
+            losses.append(term.weight * loss)
+            accuracies.append(contrastive_accuracy(logits))
+        return torch.stack(losses), torch.stack(accuracies)
+
+    @torch.no_grad()
+    def enqueue_keys(self, k: Dict[str, torch.Tensor]):
+        """Write the key embeddings to their queues (``enqueued``): all gathered from the ranks
+        at once, then written by :meth:`write_queues`."""
+        keys = torch.stack([k[name] for name, _ in self.enqueued], dim=1)  # (N, Q, D)
+        self.write_queues(concat_all_gather(keys).transpose(0, 1))
+
+    @torch.no_grad()
+    def write_queues(self, keys: torch.Tensor):
+        """
+        Args:
+            keys: (Q, M, D): the M keys of all ranks for each queue of ``enqueued``. Device
+                ops only: the fast path compiles it into one graph.
+        """
+        for (_, name), new in zip(self.enqueued, keys.unbind(0)):
+            self.get_submodule(name).write(new)

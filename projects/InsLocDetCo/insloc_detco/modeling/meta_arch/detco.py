@@ -29,7 +29,7 @@ from ...data.augmentation import PhotometricAugmentation
 from ...data.jigsaw import cut_patches
 from ..contrastive import ContrastiveQueue
 from ..heads import GlobalEmbeddingHead, ProjectionMLP
-from .base import ContrastivePretrainer, contrastive_args_from_config
+from .base import ContrastivePretrainer, ContrastTerm, contrastive_args_from_config
 
 __all__ = ["DetCo", "DetCoEncoder", "PatchSetEmbeddingHead"]
 
@@ -170,6 +170,14 @@ class DetCo(ContrastivePretrainer):
         self.encoder_q = DetCoEncoder(backbone, global_heads, local_heads)
         self.init_key_encoder()
         self.queues = self.build_queues(("g", "l") if global_local else ("g",))
+        self.set_contrast_terms(
+            self.build_terms(),
+            [
+                (f"{f}/{kind}", f"queues.{kind}.{f}")
+                for kind in self.queues
+                for f in self.in_features
+            ],
+        )
 
     def build_queues(self, kinds: Sequence[str]) -> nn.ModuleDict:
         """``queues[kind][stage]``: e.g. ``queues["g"]["res3"]`` holds the negatives of the
@@ -225,11 +233,7 @@ class DetCo(ContrastivePretrainer):
             # Shuffle-BN permutes images and patch sets with one permutation of dim 0, so the
             # G*G patches of an image stay one set (and with their global view).
             k = self.encode_keys(*k_inputs)
-        losses = self.losses(q, k)
-        for kind, queues in self.queues.items():
-            for f, queue in queues.items():
-                queue.enqueue(k[f"{f}/{kind}"])
-        return losses
+        return self.contrastive_losses(q, k)
 
     def device_augmentations(self) -> List[PhotometricAugmentation]:
         local = [self.local_augmentation] if self.local_augmentation is not None else []
@@ -265,22 +269,27 @@ class DetCo(ContrastivePretrainer):
         # The crops are already normalised: cutting is pure indexing.
         return cut_patches(crops, offsets, cells, self.jigsaw_grid, self.patch_size)
 
-    def losses(self, q: Dict[str, torch.Tensor], k: Dict[str, torch.Tensor]) -> Dict:
+    def build_terms(self) -> List[ContrastTerm]:
         """
-        Args:
-            q, k: query / key embeddings {"<stage>/<kind>": (N, D)} from :class:`DetCoEncoder`.
-        Returns:
-            the weighted InfoNCE terms; each term's accuracy goes to the event storage as
-            ``acc/<stage>_<term>``.
+        The InfoNCE terms, stage by stage: ``loss_<stage>_<term>`` = w_i * w_term * InfoNCE
+        (term in gg, ll, lg; each against the queue of its key's kind), its accuracy
+        ``acc/<stage>_<term>``.
         """
-        losses = {}
+        terms = []
         for f in self.in_features:
             for term, q_kind, k_kind in TERMS:
                 if k_kind not in self.queues or q_kind not in self.queues:
                     continue  # ablation without the local branch: g<->g only
+                weight = self.stage_loss_weights[f] * self.term_weights[term]
                 name = f"{f}_{term}"
-                loss = self.contrast(
-                    name, q[f"{f}/{q_kind}"], k[f"{f}/{k_kind}"], self.queues[k_kind][f]()
+                terms.append(
+                    ContrastTerm(
+                        name,
+                        f"loss_{name}",
+                        f"{f}/{q_kind}",
+                        f"{f}/{k_kind}",
+                        f"queues.{k_kind}.{f}",
+                        weight,
+                    )
                 )
-                losses[f"loss_{name}"] = self.stage_loss_weights[f] * self.term_weights[term] * loss
-        return losses
+        return terms

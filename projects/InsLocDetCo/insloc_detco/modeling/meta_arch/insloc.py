@@ -18,7 +18,7 @@ from detectron2.modeling.poolers import ROIPooler
 from torch import nn
 
 from ..contrastive import ContrastiveQueue
-from .base import ContrastivePretrainer, contrastive_args_from_config
+from .base import ContrastivePretrainer, ContrastTerm, contrastive_args_from_config
 
 __all__ = ["InstanceLocalization", "pool_boxes", "level_poolers", "boxes_per_level"]
 
@@ -108,6 +108,11 @@ class InstanceLocalization(ContrastivePretrainer):
             {f: ContrastiveQueue(self.dim, self.queue_size) for f in self.in_features}
         )
         self.box_aug_features = [f for f in self.in_features if f in box_aug_features]
+        terms = [
+            ContrastTerm(f"insloc_{f}", f"loss_insloc_{f}", f, f, f"queues.{f}", w)
+            for f, w in self.level_loss_weights.items()
+        ]
+        self.set_contrast_terms(terms, [(f, f"queues.{f}") for f in self.in_features])
 
     @classmethod
     def from_config(cls, cfg):
@@ -180,12 +185,7 @@ class InstanceLocalization(ContrastivePretrainer):
         with torch.no_grad():
             self.momentum_update()  # before the key forward, as in MoCo
             k = self.encode_keys(*self.views_and_boxes(batched_inputs, "k"))
-        losses = {}
-        for f in self.in_features:
-            loss = self.contrast(f"insloc_{f}", q[f], k[f], self.queues[f]())
-            losses[f"loss_insloc_{f}"] = self.level_loss_weights[f] * loss
-            self.queues[f].enqueue(k[f])
-        return losses
+        return self.contrastive_losses(q, k)
 
     def inference(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         if "view_q" in batched_inputs[0]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..contrastive import ContrastiveQueue
 from ..heads import GlobalEmbeddingHead
-from .base import ContrastivePretrainer, contrastive_args_from_config
+from .base import ContrastivePretrainer, ContrastTerm, contrastive_args_from_config
 
 __all__ = ["MoCoV2", "GlobalEncoder"]
 
@@ -61,6 +61,9 @@ class MoCoV2(ContrastivePretrainer):
         self.encoder_q = GlobalEncoder(backbone, head, in_feature)
         self.init_key_encoder()
         self.queue = ContrastiveQueue(self.dim, self.queue_size)
+        self.set_contrast_terms(
+            [ContrastTerm("moco", "loss_contrast", "moco", "moco", "queue")], [("moco", "queue")]
+        )
 
     @classmethod
     def from_config(cls, cfg):
@@ -85,6 +88,4 @@ class MoCoV2(ContrastivePretrainer):
         with torch.no_grad():
             self.momentum_update()  # before the key forward, as in MoCo
             k = self.encode_keys(self.preprocess(self.gather(batched_inputs, "view_k")))
-        loss = self.contrast("moco", q, k, self.queue())
-        self.queue.enqueue(k)
-        return {"loss_contrast": loss}
+        return self.contrastive_losses({"moco": q}, {"moco": k})
