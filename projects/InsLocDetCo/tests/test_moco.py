@@ -2,6 +2,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from insloc_testing import TermSpy
 
 from insloc_detco.data import MoCoV2Mapper, get_pretrain_dataset_dicts
 from insloc_detco.modeling.meta_arch.base import ContrastTerm
@@ -33,6 +34,7 @@ def test_moco_v2_step(cfg_loader):
     batch = _batch(cfg, 4)
     queue_before = model.queue.keys.clone()
     k_before = [p.clone() for p in model.encoder_k.parameters()]
+    spy = TermSpy(model)
     with EventStorage(0) as storage:
         losses = model(batch)
         assert set(losses) == {"loss_contrast"}
@@ -48,6 +50,8 @@ def test_moco_v2_step(cfg_loader):
     assert torch.allclose(model.queue.keys[:4].norm(dim=1), torch.ones(4), atol=1e-5)
     assert not torch.equal(model.queue.keys[:4], queue_before[:4])
     assert torch.equal(model.queue.keys[4:], queue_before[4:])
+    # the negatives autograd saved are a snapshot: the enqueue after the loss left them alone
+    assert torch.equal(spy.calls["moco"]["negatives"], queue_before)
     # the first update is a no-op on equal weights; move the query and check the EMA moves k
     with torch.no_grad():
         for p in model.encoder_q.parameters():

@@ -43,9 +43,10 @@ class ContrastiveQueue(nn.Module):
     """
     A FIFO memory bank of ``size`` L2-normalised keys of dimension ``dim``.
 
-    The keys are a buffer (saved in checkpoints, moved with ``.to()``, never trained). Enqueueing
-    gathers the keys of all ranks first, so every rank holds the same queue. The write position
-    wraps around, so ``size`` need not be a multiple of the global batch.
+    The keys are a buffer (saved in checkpoints, moved with ``.to()``, never trained). Every rank
+    writes the keys of all ranks (``ContrastivePretrainer.enqueue_keys`` gathers them for all
+    queues at once), so every rank holds the same queue. The write position wraps around, so
+    ``size`` need not be a multiple of the global batch.
     """
 
     def __init__(self, dim: int, size: int):
@@ -55,19 +56,11 @@ class ContrastiveQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor):
-        """
-        Args:
-            keys: (N, dim) keys of this rank; N * world_size keys are written.
-        """
-        self.write(concat_all_gather(keys.detach()))
-
-    @torch.no_grad()
     def write(self, keys: torch.Tensor):
         """
         Args:
-            keys: (M, dim) keys of all ranks, written at the write position (no gathering:
-                what :meth:`enqueue` does after its all-gather; device ops only, no host sync).
+            keys: (M, dim) keys of all ranks (the caller gathers them), written at the write
+                position; device ops only, no host sync.
         """
         n = keys.shape[0]
         if n > self.size:  # only the newest `size` keys can be kept
@@ -75,11 +68,6 @@ class ContrastiveQueue(nn.Module):
         index = (self.ptr + torch.arange(n, device=self.keys.device)) % self.size
         self.keys[index] = keys.to(self.keys.dtype)
         self.ptr.copy_((self.ptr + n) % self.size)
-
-    def forward(self) -> torch.Tensor:
-        """(size, dim): a snapshot of the current negatives (a copy, so that a later enqueue
-        does not modify a tensor that autograd saved for the backward pass)."""
-        return self.keys.clone()
 
     def extra_repr(self):
         return f"size={self.size}, dim={self.keys.shape[1]}"
