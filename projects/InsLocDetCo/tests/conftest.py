@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import pytest
@@ -26,3 +27,20 @@ def load_config(name: str, *opts):
 @pytest.fixture
 def cfg_loader():
     return load_config
+
+
+@pytest.fixture(scope="module")
+def module_folder(tmp_path_factory, request):
+    """``module_folder(name)`` makes a folder for the module's shared fixtures. All of them go
+    after the module's last test, so the session holds one module's full-size checkpoints
+    (~0.3 GB each) on disk at a time, not every module's (tests' own ``tmp_path`` folders go
+    when they pass: pyproject's tmp_path_retention_policy)."""
+    root = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+    def make(name: str):
+        path = root / name
+        path.mkdir(parents=True)
+        return path
+
+    yield make
+    shutil.rmtree(root, ignore_errors=True)

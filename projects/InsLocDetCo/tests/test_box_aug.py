@@ -101,8 +101,8 @@ def test_distribution_test_detects_a_different_procedure():
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("photos")
+def photos(module_folder):
+    root = module_folder("photos")
     rng = np.random.default_rng(0)
     dicts = []
     for i in range(4):

@@ -30,8 +30,8 @@ INSLOC_FPN = BENCHMARKS["demo_coco_fpn"].config  # InsLoc's protocol, 4conv1fc
 
 
 @pytest.fixture(scope="module")
-def fakes(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("fakes"))
+def fakes(module_folder):
+    folder = str(module_folder("fakes"))
     resnet_sd = fake_checkpoints.torchvision_resnet().state_dict()
     return fake_checkpoints.write_fakes(folder, resnet_sd, fake_checkpoints.insloc_heads())
 

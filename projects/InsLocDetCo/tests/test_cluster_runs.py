@@ -130,9 +130,9 @@ def _descendants(pid):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(module_folder):
     """An uninterrupted 2-process torchrun run."""
-    out = tmp_path_factory.mktemp("torchrun")
+    out = module_folder("torchrun")
     log = _ok(_run(_torchrun("train_net.py", *_opts(out))))
     return out, log
 

@@ -76,7 +76,7 @@ _CACHE = {}
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(module_folder):
     """meta-arch -> (checkpoint path, pretraining model in eval mode); built on first use."""
 
     def get(meta_arch):
@@ -88,7 +88,7 @@ def pretrained(tmp_path_factory):
             torch.manual_seed(0)
             model = build_model(cfg)
             _randomise(model, seed=1)
-            out = str(tmp_path_factory.mktemp(meta_arch))
+            out = str(module_folder(meta_arch))
             with open(os.path.join(out, "config.yaml"), "w") as f:
                 f.write(cfg.dump())
             DetectionCheckpointer(model, save_dir=out).save("model_final", iteration=9)

@@ -26,9 +26,9 @@ COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200
 
 
 @pytest.fixture(scope="module")
-def flat_images(tmp_path_factory):
+def flat_images(module_folder):
     """Six images, each of one flat colour, of different sizes and aspects."""
-    root = tmp_path_factory.mktemp("flat")
+    root = module_folder("flat")
     dicts = []
     for i, colour in enumerate(COLOURS):
         path = os.path.join(root, f"{i}.png")

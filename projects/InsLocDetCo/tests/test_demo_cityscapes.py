@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow  # detectron2's loader starts a process pool; the 
 
 
 @pytest.fixture(scope="module")
-def cityscapes(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("datasets") / "demo_cityscapes")
+def cityscapes(module_folder):
+    root = str(module_folder("datasets") / "demo_cityscapes")
     demo_cityscapes.ensure_demo_cityscapes(root)
     demo_cityscapes.register_demo_cityscapes(root, prefix="t_demo_cityscapes")
     splits = demo_cityscapes.DEMO_CITYSCAPES_SPLITS

@@ -20,8 +20,8 @@ from insloc_detco.transfer.subsets import register_subset, subset_image_ids
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("datasets") / "demo_det")
+def demo_root(module_folder):
+    root = str(module_folder("datasets") / "demo_det")
     demo_det.ensure_demo_det(root)
     demo_det.register_demo_det(root, prefix="t_demo_det")
     splits, formats = demo_det.DEMO_DET_SPLITS, demo_det.DEMO_DET_FORMATS

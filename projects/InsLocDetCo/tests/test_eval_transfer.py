@@ -264,9 +264,9 @@ def test_extra_norm_heads_and_stock_reload(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo_names(tmp_path_factory):
+def demo_names(module_folder):
     """demo_det in a temporary folder, registered as t_demo_det_* (the default root is cwd's)."""
-    root = str(tmp_path_factory.mktemp("data") / "demo_det")
+    root = str(module_folder("data") / "demo_det")
     demo_det.register_demo_det(root, prefix="t_demo_det")
     yield "t_demo_det"
     for split in demo_det.DEMO_DET_SPLITS:
@@ -298,9 +298,9 @@ def test_fpn_detector_trains_a_step(demo_names):
 # The command
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def moco_checkpoint(tmp_path_factory):
+def moco_checkpoint(module_folder):
     """A real MoCo v2 instant pretraining run (train_net.py, ~15 s)."""
-    out = str(tmp_path_factory.mktemp("pretrain_moco"))
+    out = str(module_folder("pretrain_moco"))
     proc = run_train_net(
         "--config-file",
         "instant_test/pretrain_moco_v2.yaml",

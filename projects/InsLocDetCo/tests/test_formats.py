@@ -51,8 +51,8 @@ def insloc_heads():
 
 
 @pytest.fixture(scope="module")
-def fakes(tmp_path_factory, resnet_sd, insloc_heads):
-    folder = str(tmp_path_factory.mktemp("fakes"))
+def fakes(module_folder, resnet_sd, insloc_heads):
+    folder = str(module_folder("fakes"))
     return fake_checkpoints.write_fakes(folder, resnet_sd, insloc_heads)
 
 

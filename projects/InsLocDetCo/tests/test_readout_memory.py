@@ -50,9 +50,9 @@ def _stub():
 
 
 @pytest.fixture(scope="module")
-def sets(tmp_path_factory):
+def sets(module_folder):
     """{images: (train, val) names}: generated class folders of N and 4N training images."""
-    root = tmp_path_factory.mktemp("memory_sets")
+    root = module_folder("memory_sets")
     names = {}
     for n in (48, 192):
         pair = []

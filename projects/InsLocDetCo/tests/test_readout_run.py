@@ -32,8 +32,8 @@ def _script(name):
 
 
 @pytest.fixture(scope="module")
-def tiny_cls(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("datasets") / "demo_cls")
+def tiny_cls(module_folder):
+    root = str(module_folder("datasets") / "demo_cls")
     demo_cls.register_demo_cls(root, prefix="t_demo_cls", splits=SPLITS, size=SIZE)
     yield root
     for split in SPLITS:
@@ -73,14 +73,14 @@ def _images(n: int = 16):
 
 
 @pytest.fixture(scope="module")
-def moco(tiny_cls, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("moco"))
+def moco(tiny_cls, module_folder):
+    out = str(module_folder("moco"))
     return _checkpoint(out, "instant_test/pretrain_moco_v2.yaml", _images())
 
 
 @pytest.fixture(scope="module")
-def insloc_fpn(tiny_cls, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("insloc_fpn"))
+def insloc_fpn(tiny_cls, module_folder):
+    out = str(module_folder("insloc_fpn"))
     return _checkpoint(out, "instant_test/pretrain_insloc_fpn.yaml", _images())
 
 

@@ -23,8 +23,8 @@ def _train(out, *extra):
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("moco1"))
+def single_run(module_folder):
+    out = str(module_folder("moco1"))
     log = _train(out, "--num-gpus", "1", "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 3)
     return out, log
 
