@@ -303,7 +303,12 @@ def parse_args():
 
 def main():
     args = parse_args()
-    args.output_dir = tempfile.mkdtemp(prefix="bench_e2e_")
+    with tempfile.TemporaryDirectory(prefix="bench_e2e_") as scratch:  # the runs' writers' files
+        args.output_dir = scratch
+        run_all(args)
+
+
+def run_all(args):
     if args.data.startswith("jpeg:"):
         root = os.path.join(tempfile.gettempdir(), f"bench_e2e_jpeg_{args.data[5:]}")
         if not os.path.isdir(root):
